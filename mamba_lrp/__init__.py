@@ -1,0 +1,1 @@
+"""mamba-lrp: explain the predictions of state-space sequence models."""

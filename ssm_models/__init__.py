@@ -1,0 +1,1 @@
+"""State-space sequence models (Mamba, ...) and their numerics. Knows nothing about explanations."""
