@@ -182,3 +182,36 @@ def selective_scan(
     from ssm_models.ops.selective_scan_triton import selective_scan_triton
 
     return selective_scan_triton(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_scan_step(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrent step of the selective scan, for decoding.
+
+    ``state`` (batch, dim, N) in the compute dtype; ``u, delta`` (batch, dim); ``A`` (dim, N);
+    ``B, C`` (batch, N); ``D, delta_bias`` (dim,). Returns ``(y (batch, dim) in u's dtype,
+    new_state)`` with ``new_state = exp(delta A) state + delta B u`` and ``y = C . new_state + D u``.
+    """
+    compute = state.dtype
+    delta_c = delta.to(compute)
+    if delta_bias is not None:
+        delta_c = delta_c + delta_bias.to(compute)
+    if delta_softplus:
+        delta_c = F.softplus(delta_c)
+    u_c = u.to(compute)
+    new_state = torch.exp(delta_c[:, :, None] * A.to(compute)) * state + (
+        delta_c[:, :, None] * B.to(compute)[:, None, :] * u_c[:, :, None]
+    )
+    y = (new_state * C.to(compute)[:, None, :]).sum(-1)
+    if D is not None:
+        y = y + D.to(compute) * u_c
+    return y.to(u.dtype), new_state

@@ -1,0 +1,79 @@
+"""Our MambaLM forward vs `transformers` MambaForCausalLM (its PyTorch fallback) on the same
+weights, and the causal-conv backends. CPU; prints a Markdown table of medians and ratios.
+
+    .venv/bin/python benchmarks/bench_mamba_forward.py [--length 1024] [--layers 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import transformers
+
+from ssm_models import from_hf
+from ssm_models.ops import causal_conv1d
+
+
+def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=5)
+    arguments = parser.parse_args()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf_config = transformers.MambaConfig(
+        vocab_size=50280, hidden_size=arguments.d_model, num_hidden_layers=arguments.layers, state_size=16
+    )
+    hf = transformers.MambaForCausalLM(hf_config).eval()
+    ours = from_hf(hf)
+    ids = torch.randint(0, 50280, (1, arguments.length))
+    with torch.no_grad():
+        error = float((ours(ids) - hf(ids).logits).norm() / hf(ids).logits.norm())
+        ours_seconds = median_seconds(lambda: ours(ids), arguments.repeats)
+        hf_seconds = median_seconds(lambda: hf(ids), arguments.repeats)
+
+    x = torch.randn(1, 2 * arguments.d_model, 2048, requires_grad=True)
+    weight = torch.randn(2 * arguments.d_model, 1, 4, requires_grad=True)
+    bias = torch.randn(2 * arguments.d_model, requires_grad=True)
+    conv = {
+        backend: median_seconds(lambda b=backend: causal_conv1d(x, weight, bias, backend=b).sum().backward(), 7)
+        for backend in ("reference", "torch")
+    }
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"\nForward, d_model={arguments.d_model}, {arguments.layers} layers, vocab 50280, L={arguments.length}, "
+          f"fp32, median of {arguments.repeats}; relative logits error {error:.1e}\n")
+    print("| model | forward (s) | speed-up |")
+    print("|---|---|---|")
+    print(f"| transformers MambaForCausalLM (PyTorch fallback) | {hf_seconds:.3f} | 1.0x |")
+    print(f"| ssm_models.MambaLM (cpu scan) | {ours_seconds:.3f} | {hf_seconds / ours_seconds:.1f}x |")
+    print(f"\nCausal depthwise conv, (1, {2 * arguments.d_model}, 2048), K=4, forward+backward, median of 7\n")
+    print("| backend | fwd+bwd (ms) |")
+    print("|---|---|")
+    for backend, seconds in conv.items():
+        print(f"| {backend} | {seconds * 1e3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Loading and saving models: public checkpoints, ``transformers`` models, our own directories.
+
+Formats read by :func:`load_pretrained` (REFERENCE.md section 1):
+
+* **state-spaces** (``mamba_ssm``): ``config.json`` with ``d_model, n_layer, vocab_size, ssm_cfg,
+  pad_vocab_size_multiple, tie_embeddings, ...``; keys ``backbone.embedding.weight``, ...
+* **Hugging Face** (``transformers`` ``MambaForCausalLM``): ``config.json`` with ``hidden_size,
+  num_hidden_layers, state_size, ...``; keys ``backbone.embeddings.weight``, ...; ``lm_head.weight``
+  may be absent (tied).
+
+Weights come from ``*.safetensors`` (also sharded with an index) or ``pytorch_model.bin`` read
+with ``torch.load(weights_only=True)``: a pickle that would run code is refused. Hub ids go through
+``huggingface_hub.snapshot_download`` and fall back to its local cache when offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssm_models.mamba import MambaConfig, MambaLM
+
+KEY_NAMINGS = ("state-spaces", "hf")
+_WEIGHT_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json"]
+
+
+# --------------------------------------------------------------------------- configs
+def config_from_state_spaces(raw: dict[str, Any]) -> MambaConfig:
+    """A :class:`MambaConfig` from a state-spaces ``config.json`` dict (or our own saved one)."""
+    ssm_cfg = dict(raw.get("ssm_cfg") or {})
+    layer = ssm_cfg.get("layer", "Mamba1")
+    if layer not in ("Mamba1", "Mamba"):
+        raise ValueError(f"config.json: ssm_cfg.layer={layer!r} is not supported (only Mamba1)")
+    if raw.get("rms_norm", True) is False:
+        raise ValueError("config.json: rms_norm=false (LayerNorm Mamba) is not supported")
+    if raw.get("attn_layer_idx"):
+        raise ValueError("config.json: hybrid Mamba/attention checkpoints (attn_layer_idx) are not supported")
+    fields = {
+        "d_model": raw["d_model"],
+        "n_layer": raw["n_layer"],
+        "vocab_size": raw["vocab_size"],
+        "pad_vocab_size_multiple": raw.get("pad_vocab_size_multiple", 8),
+        "tie_embeddings": raw.get("tie_embeddings", True),
+        "residual_in_fp32": raw.get("residual_in_fp32", True),
+        "norm_eps": raw.get("norm_epsilon", raw.get("norm_eps", 1e-5)),
+    }
+    ssm_keys = ("d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "dt_min", "dt_max", "dt_init")
+    ssm_keys += ("dt_scale", "dt_init_floor")
+    fields.update({key: ssm_cfg[key] for key in ssm_keys if key in ssm_cfg})
+    return MambaConfig(**fields)
+
+
+def config_to_state_spaces(config: MambaConfig) -> dict[str, Any]:
+    ssm_keys = ("d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "dt_min", "dt_max", "dt_init")
+    ssm_keys += ("dt_scale", "dt_init_floor")
+    return {
+        "architecture": "mamba",
+        "d_model": config.d_model,
+        "n_layer": config.n_layer,
+        "vocab_size": config.vocab_size,
+        "ssm_cfg": {"layer": "Mamba1", **{key: getattr(config, key) for key in ssm_keys}},
+        "rms_norm": True,
+        "residual_in_fp32": config.residual_in_fp32,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
+        "tie_embeddings": config.tie_embeddings,
+        "norm_epsilon": config.norm_eps,
+    }
+
+
+def config_from_hf(raw: dict[str, Any]) -> MambaConfig:
+    """A :class:`MambaConfig` from a ``transformers`` ``MambaConfig`` (object or its dict)."""
+    if not isinstance(raw, dict):
+        raw = raw.to_dict()
+    hidden = raw["hidden_size"]
+    expand = raw.get("expand", 2)
+    intermediate = raw.get("intermediate_size", expand * hidden)
+    if intermediate != expand * hidden:
+        raise ValueError(f"config: intermediate_size={intermediate} is not expand*hidden_size={expand * hidden}")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config: hidden_act={act!r} is not supported (Mamba uses 'silu')")
+    return MambaConfig(
+        d_model=hidden,
+        n_layer=raw["num_hidden_layers"],
+        vocab_size=raw["vocab_size"],
+        d_state=raw.get("state_size", 16),
+        expand=expand,
+        d_conv=raw.get("conv_kernel", 4),
+        dt_rank=raw.get("time_step_rank", "auto"),
+        conv_bias=raw.get("use_conv_bias", True),
+        bias=raw.get("use_bias", False),
+        norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        pad_vocab_size_multiple=1,
+        tie_embeddings=raw.get("tie_word_embeddings", True),
+        residual_in_fp32=raw.get("residual_in_fp32", True),
+        dt_min=raw.get("time_step_min", 0.001),
+        dt_max=raw.get("time_step_max", 0.1),
+        dt_init=raw.get("time_step_init_scheme", "random"),
+        dt_scale=raw.get("time_step_scale", 1.0),
+        dt_init_floor=raw.get("time_step_floor", 1e-4),
+        initializer_range=raw.get("initializer_range", 0.02),
+        rescale_prenorm_residual=raw.get("rescale_prenorm_residual", False),
+    )
+
+
+def config_to_hf(config: MambaConfig) -> dict[str, Any]:
+    """A ``config.json`` dict that ``transformers.MambaForCausalLM.from_pretrained`` reads."""
+    return {
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "vocab_size": config.padded_vocab_size,
+        "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
+        "state_size": config.d_state,
+        "expand": config.expand,
+        "intermediate_size": config.d_inner,
+        "conv_kernel": config.d_conv,
+        "time_step_rank": config.resolved_dt_rank,
+        "use_conv_bias": config.conv_bias,
+        "use_bias": config.bias,
+        "hidden_act": "silu",
+        "layer_norm_epsilon": config.norm_eps,
+        "residual_in_fp32": config.residual_in_fp32,
+        "tie_word_embeddings": config.tie_embeddings,
+        "time_step_min": config.dt_min,
+        "time_step_max": config.dt_max,
+        "time_step_init_scheme": config.dt_init,
+        "time_step_scale": config.dt_scale,
+        "time_step_floor": config.dt_init_floor,
+        "initializer_range": config.initializer_range,
+        # transformers re-applies this init to loaded out_proj weights; it only matters for fresh models
+        "rescale_prenorm_residual": False,
+    }
+
+
+# ---------------------------------------------------------------------- state dicts
+def _hf_to_state_spaces_key(key: str) -> str:
+    return "backbone.embedding.weight" if key == "backbone.embeddings.weight" else key
+
+
+def _state_spaces_to_hf_key(key: str) -> str:
+    return "backbone.embeddings.weight" if key == "backbone.embedding.weight" else key
+
+
+def load_state_dict_into(model: MambaLM, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Load a state dict in either key naming into ``model``; a missing ``lm_head.weight`` means tied.
+
+    Raises ``ValueError`` listing missing or unexpected keys, or mismatched shapes.
+    """
+    state = {_hf_to_state_spaces_key(key): value for key, value in state_dict.items()}
+    if model.config.tie_embeddings:
+        head = state.pop("lm_head.weight", None)
+        embedding = state.get("backbone.embedding.weight")
+        if head is not None and embedding is not None and not torch.equal(head, embedding):
+            raise ValueError(f"{source}: the config ties the head to the embedding, but lm_head.weight differs")
+    expected = {key: value for key, value in model.state_dict().items() if not (
+        model.config.tie_embeddings and key == "lm_head.weight"
+    )}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: state dict does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, the config expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=False, assign=assign)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain tensor file (torch.load(weights_only=True) rejected it, "
+            f"so it may run code when unpickled): {str(error).splitlines()[0]}"
+        ) from None
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state dict)")
+    return loaded
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: safetensors first (single or sharded), else ``.bin``."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = directory / index_name
+        if index_path.is_file():
+            shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_read_weight_file(directory / shard))
+            return state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return _read_weight_file(directory / name)
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if len(safetensors) == 1:
+        return _read_weight_file(safetensors[0])
+    raise ValueError(f"{directory}: no weights found (expected model.safetensors or pytorch_model.bin)")
+
+
+# --------------------------------------------------------------------------- public
+def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
+    """A local directory for ``path_or_hub_id``: the directory itself, or a hub snapshot
+    (downloaded, or found in the local Hugging Face cache when the hub cannot be reached)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hub_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ValueError(f"`path_or_hub_id`: {text!r} is neither a checkpoint directory nor a hub id 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=_WEIGHT_PATTERNS, local_files_only=True))
+    except Exception:  # not cached: try the hub itself
+        pass
+    try:
+        return Path(snapshot_download(text, allow_patterns=_WEIGHT_PATTERNS))
+    except Exception as error:
+        raise ValueError(
+            f"`path_or_hub_id`: could not get hub model {text!r} (not in the local cache, and the hub "
+            f"cannot be reached or has no such model): {type(error).__name__}"
+        ) from None
+
+
+def detect_key_naming(raw_config: dict[str, Any]) -> str:
+    if "d_model" in raw_config:
+        return "state-spaces"
+    if "hidden_size" in raw_config or raw_config.get("model_type") == "mamba":
+        return "hf"
+    raise ValueError("config.json: neither a state-spaces config (d_model) nor a Hugging Face Mamba config (hidden_size)")
+
+
+def load_pretrained(
+    path_or_hub_id: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> MambaLM:
+    """Load a model from a checkpoint directory or hub id (state-spaces or Hugging Face format).
+
+    ``dtype``: cast the weights (default: as stored). Raises ``ValueError`` with the reason when
+    the directory, its config or its weights cannot be used.
+    """
+    directory = resolve_checkpoint_dir(path_or_hub_id)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{directory}: no config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    architecture = raw.get("architecture", "mamba")
+    if architecture != "mamba":
+        raise ValueError(f"{config_path}: architecture {architecture!r} is not supported by this version")
+    naming = detect_key_naming(raw)
+    try:
+        config = config_from_state_spaces(raw) if naming == "state-spaces" else config_from_hf(raw)
+    except KeyError as error:
+        raise ValueError(f"{config_path}: missing field {error}") from None
+    state = read_state_dict(directory)
+    with torch.device("meta"):
+        model = MambaLM(config)
+    load_state_dict_into(model, state, source=str(directory), assign=True)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+
+
+def save_pretrained(model: MambaLM, directory: str | Path, key_naming: str = "state-spaces") -> Path:
+    """Write ``config.json`` and ``model.safetensors`` in ``key_naming`` (``"state-spaces"``, or
+    ``"hf"``, which ``transformers.MambaForCausalLM.from_pretrained`` also reads). Files are
+    written to temporary names and renamed, so an interrupted save leaves no half file."""
+    if key_naming not in KEY_NAMINGS:
+        raise ValueError(f"`key_naming` must be one of {KEY_NAMINGS}, got {key_naming!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    rename = (lambda key: key) if key_naming == "state-spaces" else _state_spaces_to_hf_key
+    state = {
+        rename(key): value.detach().contiguous().cpu()
+        for key, value in model.state_dict().items()
+        if not (config.tie_embeddings and key == "lm_head.weight")
+    }
+    raw = config_to_state_spaces(config) if key_naming == "state-spaces" else config_to_hf(config)
+    _atomic_write(directory / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
+    _atomic_write(directory / "config.json", lambda path: Path(path).write_text(json.dumps(raw, indent=2) + "\n"))
+    return directory
+
+
+def _atomic_write(target: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def from_hf(hf_model: torch.nn.Module, share_weights: bool = True) -> MambaLM:
+    """Our :class:`MambaLM` from a ``transformers`` ``MambaForCausalLM`` (any config).
+
+    With ``share_weights`` (default) our parameters share storage with the user's model (no copy;
+    the user's model object itself is never modified); otherwise the weights are cloned.
+    """
+    config = getattr(hf_model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "mamba" or not hasattr(hf_model, "lm_head"):
+        raise ValueError(f"`hf_model` must be a transformers MambaForCausalLM, got {type(hf_model).__name__}")
+    our_config = config_from_hf(config)
+    state = {key: (value if share_weights else value.clone()) for key, value in hf_model.state_dict().items()}
+    dtype = hf_model.lm_head.weight.dtype
+    with torch.device("meta"):
+        model = MambaLM(our_config)
+    load_state_dict_into(model, state, source=type(hf_model).__name__, assign=True)
+    return model.to(device=hf_model.lm_head.weight.device, dtype=dtype)
