@@ -28,7 +28,9 @@ from safetensors.torch import load_file, save_file
 from ssm_models.mamba import MambaConfig, MambaLM
 
 KEY_NAMINGS = ("state-spaces", "hf")
-_WEIGHT_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json"]
+_WEIGHT_PATTERNS = [
+    "config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json"
+]
 
 
 # --------------------------------------------------------------------------- configs
@@ -151,7 +153,9 @@ def _state_spaces_to_hf_key(key: str) -> str:
     return "backbone.embeddings.weight" if key == "backbone.embedding.weight" else key
 
 
-def load_state_dict_into(model: MambaLM, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+def load_state_dict_into(
+    model: MambaLM, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
     """Load a state dict in either key naming into ``model``; a missing ``lm_head.weight`` means tied.
 
     Raises ``ValueError`` listing missing or unexpected keys, or mismatched shapes.
@@ -168,11 +172,14 @@ def load_state_dict_into(model: MambaLM, state_dict: dict[str, torch.Tensor], so
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: state dict does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"{source}: state dict does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ValueError(
-                f"{source}: tensor {key} has shape {tuple(value.shape)}, the config expects {tuple(expected[key].shape)}"
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, "
+                f"the config expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(state, strict=False, assign=assign)
     if model.config.tie_embeddings:
@@ -245,7 +252,9 @@ def detect_key_naming(raw_config: dict[str, Any]) -> str:
         return "state-spaces"
     if "hidden_size" in raw_config or raw_config.get("model_type") == "mamba":
         return "hf"
-    raise ValueError("config.json: neither a state-spaces config (d_model) nor a Hugging Face Mamba config (hidden_size)")
+    raise ValueError(
+        "config.json: neither a state-spaces config (d_model) nor a Hugging Face Mamba config (hidden_size)"
+    )
 
 
 def load_pretrained(

@@ -138,16 +138,28 @@ class MambaMixer(nn.Module):
         return A, self.D.to(compute), self.dt_proj.bias.to(compute)
 
     def forward(
-        self, hidden: torch.Tensor, cache: MambaCache | None = None, layer_idx: int = 0
+        self,
+        hidden: torch.Tensor,
+        cache: MambaCache | None = None,
+        layer_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``hidden`` (B, L, d_model) -> (B, L, d_model). With ``cache``, the final conv and SSM
-        states of this layer are written to ``cache.conv_states[layer_idx]`` / ``ssm_states``."""
+        states of this layer are written to ``cache.conv_states[layer_idx]`` / ``ssm_states``.
+
+        ``padding_mask`` (B, L), 1 for real tokens and 0 for padding: padded positions are zeroed
+        at the mixer input and at the scan input ``u``, so they leave the conv window and the SSM
+        state as an unpadded sequence would (left or right padding; as in ``transformers``)."""
+        if padding_mask is not None:
+            hidden = hidden * padding_mask[:, :, None].to(hidden.dtype)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         x = x.transpose(1, 2)  # (B, d_inner, L)
         if cache is not None:
             kernel = self.conv1d.kernel_size
             cache.conv_states[layer_idx] = F.pad(x, (max(kernel - x.shape[-1], 0), 0))[:, :, -kernel:].detach()
         x = self.act(self.conv1d(x))
+        if padding_mask is not None:
+            x = x * padding_mask[:, None, :].to(x.dtype)
         dt_low, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt_low, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L)
         A, D, delta_bias = self._ssm_parameters(x.dtype)
@@ -185,9 +197,15 @@ class MambaBlock(nn.Module):
     def _residual(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to(torch.promote_types(hidden.dtype, torch.float32)) if self.residual_in_fp32 else hidden
 
-    def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: MambaCache | None = None,
+        layer_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         normed = self.norm(hidden.to(self.norm.weight.dtype))
-        return self._residual(hidden) + self.mixer(normed, cache, layer_idx)
+        return self._residual(hidden) + self.mixer(normed, cache, layer_idx, padding_mask)
 
     def step(self, hidden: torch.Tensor, cache: MambaCache, layer_idx: int) -> torch.Tensor:
         normed = self.norm(hidden.to(self.norm.weight.dtype))
@@ -275,11 +293,15 @@ class MambaLM(nn.Module):
         input_ids: torch.Tensor | None = None,
         *,
         inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         cache: MambaCache | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, padded_vocab_size) of ``input_ids`` (B, L) or ``inputs_embeds``
-        (B, L, d_model), in float32 (float64 for float64 models). With ``cache`` (see
-        :meth:`new_cache`), the final recurrent states are stored for :meth:`step`."""
+        (B, L, d_model), in float32 (float64 for float64 models).
+
+        ``attention_mask`` (B, L) of 0/1 marks padding (left or right): each real position gets
+        the logits it gets without the padding. With ``cache`` (see :meth:`new_cache`), the final
+        recurrent states are stored for :meth:`step`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
@@ -287,9 +309,25 @@ class MambaLM(nn.Module):
         else:
             self._check_inputs_embeds(inputs_embeds)
             hidden = inputs_embeds
+        padding_mask = None
+        if attention_mask is not None:
+            padding_mask = self.check_attention_mask(attention_mask, hidden.shape[:2])
         for index, block in enumerate(self.backbone.layers):
-            hidden = block(hidden, cache, index)
+            hidden = block(hidden, cache, index, padding_mask)
         return self._head(self.backbone.norm_f(hidden))
+
+    @staticmethod
+    def check_attention_mask(attention_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Validate a 0/1 ``attention_mask`` of ``shape`` (B, L); return it as a bool tensor."""
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(shape):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"`attention_mask` must be a tensor of shape {tuple(shape)} (batch, L), got {got}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (real token)")
+        mask = attention_mask.bool()
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("`attention_mask` has a row with no real token (all zeros)")
+        return mask
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight

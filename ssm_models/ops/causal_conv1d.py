@@ -23,7 +23,9 @@ def _weight_2d(weight: torch.Tensor, dim: int) -> torch.Tensor:
     if weight.dim() == 3 and weight.shape[1] == 1:
         weight = weight[:, 0, :]
     if weight.dim() != 2 or weight.shape[0] != dim or weight.shape[1] == 0:
-        raise ValueError(f"causal_conv1d: `weight` must have shape (dim={dim}, K) or (dim, 1, K), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"causal_conv1d: `weight` must have shape (dim={dim}, K) or (dim, 1, K), got {tuple(weight.shape)}"
+        )
     return weight
 
 
