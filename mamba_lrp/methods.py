@@ -67,17 +67,17 @@ def get_method(name: str) -> Method:
     raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())}")
 
 
-def select_outputs(
-    logits: torch.Tensor, inputs: AttributionInputs, vocab_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The explained values f (B,) = ``logits[b, position_b, target_b]``; ``target`` None picks the
-    top prediction among the first ``vocab_size`` ids. Returns ``(f, target)``."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    at_position = logits[rows, inputs.position.to(logits.device)]  # (B, V)
+def select_outputs(hidden: torch.Tensor, inputs: AttributionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The explained values f (B,) = ``logits[b, position_b, target_b]`` from the final hidden
+    states (B, L, D), with the head applied at the explained positions only; ``target`` None
+    picks the top prediction among the model's ``config.vocab_size`` real ids. Returns ``(f, target)``."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    at_position = inputs.model.head(hidden[rows, inputs.position.to(hidden.device)])  # (B, V)
+    vocab_size = inputs.model.config.vocab_size
     target = inputs.target
     if target is None:
         target = at_position.detach()[:, :vocab_size].argmax(-1)
-    target = target.to(logits.device)
+    target = target.to(hidden.device)
     return at_position[rows, target], target
 
 
@@ -95,8 +95,8 @@ def lrp_attribution(inputs: AttributionInputs, composite: Composite) -> Attribut
     try:
         with composite.context(model), torch.enable_grad():
             embeddings = model.embed(inputs.input_ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=embeddings, attention_mask=inputs.attention_mask)
-            output, target = select_outputs(logits, inputs, model.config.vocab_size)
+            hidden = model.hidden_states(inputs_embeds=embeddings, attention_mask=inputs.attention_mask)
+            output, target = select_outputs(hidden, inputs)
             gradients = torch.autograd.grad(output.sum(), captured, allow_unused=True)
     finally:
         for hook in hooks:

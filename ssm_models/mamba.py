@@ -297,11 +297,26 @@ class MambaLM(nn.Module):
         cache: MambaCache | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, padded_vocab_size) of ``input_ids`` (B, L) or ``inputs_embeds``
-        (B, L, d_model), in float32 (float64 for float64 models).
+        (B, L, d_model), in float32 (float64 for float64 models): ``head(hidden_states(...))``.
 
         ``attention_mask`` (B, L) of 0/1 marks padding (left or right): each real position gets
         the logits it gets without the padding. With ``cache`` (see :meth:`new_cache`), the final
         recurrent states are stored for :meth:`step`."""
+        return self.head(
+            self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache)
+        )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: MambaCache | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states (B, L, d_model), after ``norm_f`` and before the head. Use it
+        with :meth:`head` when logits are needed at a few positions only (the head of a 50K
+        vocabulary costs more than two Mamba layers at d_model 768)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
@@ -314,7 +329,14 @@ class MambaLM(nn.Module):
             padding_mask = self.check_attention_mask(attention_mask, hidden.shape[:2])
         for index, block in enumerate(self.backbone.layers):
             hidden = block(hidden, cache, index, padding_mask)
-        return self._head(self.backbone.norm_f(hidden))
+        return self.backbone.norm_f(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., padded_vocab_size) of final hidden states (..., d_model), in float32
+        (float64 for float64 models)."""
+        weight = self.lm_head.weight
+        logits = self.lm_head(hidden.to(weight.dtype))
+        return logits.to(torch.promote_types(weight.dtype, torch.float32))
 
     @staticmethod
     def check_attention_mask(attention_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -329,11 +351,6 @@ class MambaLM(nn.Module):
             raise ValueError("`attention_mask` has a row with no real token (all zeros)")
         return mask
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.lm_head.weight
-        logits = self.lm_head(hidden.to(weight.dtype))
-        return logits.to(torch.promote_types(weight.dtype, torch.float32))
-
     # -------------------------------------------------------------- decoding
     def new_cache(self, batch_size: int) -> MambaCache:
         """An empty cache for ``batch_size`` sequences (filled by ``forward(..., cache=)``)."""
@@ -345,7 +362,7 @@ class MambaLM(nn.Module):
         hidden = self.backbone.embedding(token_ids)
         for index, block in enumerate(self.backbone.layers):
             hidden = block.step(hidden, cache, index)
-        return self._head(self.backbone.norm_f(hidden))
+        return self.head(self.backbone.norm_f(hidden))
 
     @torch.no_grad()
     def generate(
@@ -365,7 +382,7 @@ class MambaLM(nn.Module):
             empty = torch.empty(input_ids.shape[0], 0, self.num_embeddings)
             return (input_ids, empty) if return_logits else input_ids
         cache = self.new_cache(input_ids.shape[0])
-        logits = self.forward(input_ids, cache=cache)[:, -1]
+        logits = self.head(self.hidden_states(input_ids, cache=cache)[:, -1])
         tokens, step_logits = [], []
         for index in range(max_new_tokens):
             step_logits.append(logits)
