@@ -50,7 +50,9 @@ overflow gives ``inf``, underflow gradual (denormals) then 0, NaN propagates.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -356,6 +358,22 @@ def _bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _on_torch_threads() -> Iterator[None]:
+    """Run a kernel on torch's thread count and leave torch's setting as it was. Numba's OpenMP
+    layer shares the process's OpenMP runtime with torch, and its first launch sets the runtime's
+    thread count to numba's own (measured: a user's ``torch.set_num_threads(1)`` became 2)."""
+    threads = torch.get_num_threads()
+    wanted = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -398,11 +416,12 @@ class _SelectiveScanCPU(torch.autograd.Function):
         gate = F.silu(z.detach().to(compute)) if z is not None else _empty(compute, 3)
         out = torch.empty(u.shape, dtype=compute)
         last = torch.empty((batch, dim, A.shape[1]), dtype=compute)
-        _fwd_kernel(
-            _np(_prep(u, compute, 3)), _np(dt.contiguous()), _np(_prep(A, compute, 2)),
-            _np(_prep_bc(B, compute)), _np(_prep_bc(C, compute)), _np(_prep(D, compute, 1)),
-            _np(gate.contiguous()), D is not None, z is not None, _np(out), _np(last),
-        )  # fmt: skip
+        with _on_torch_threads():
+            _fwd_kernel(
+                _np(_prep(u, compute, 3)), _np(dt.contiguous()), _np(_prep(A, compute, 2)),
+                _np(_prep_bc(B, compute)), _np(_prep_bc(C, compute)), _np(_prep(D, compute, 1)),
+                _np(gate.contiguous()), D is not None, z is not None, _np(out), _np(last),
+            )  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.delta_softplus = bool(delta_softplus)
         out = out.to(u.dtype)
@@ -451,12 +470,13 @@ class _SelectiveScanCPU(torch.autograd.Function):
             dA = buf(need_A, (dim, n_state))
             dB_part = buf(need_B, (n_split, batch, groups, length, n_state), zero=True)
             dC_part = buf(need_C, (n_split, batch, groups, length, n_state), zero=True)
-            _bwd_kernel(
-                _np(uc), _np(dt.contiguous()), _np(_prep(A, compute, 2)), _np(_prep_bc(B, compute)),
-                _np(_prep_bc(C, compute)), _np(_prep(D, compute, 1)), _np(dy), D is not None,
-                need_u, need_dd, need_A, need_B, need_C, need_z, n_split,
-                _np(du), _np(dd), _np(dA), _np(dB_part), _np(dC_part), _np(y),
-            )  # fmt: skip
+            with _on_torch_threads():
+                _bwd_kernel(
+                    _np(uc), _np(dt.contiguous()), _np(_prep(A, compute, 2)), _np(_prep_bc(B, compute)),
+                    _np(_prep_bc(C, compute)), _np(_prep(D, compute, 1)), _np(dy), D is not None,
+                    need_u, need_dd, need_A, need_B, need_C, need_z, n_split,
+                    _np(du), _np(dd), _np(dA), _np(dB_part), _np(dC_part), _np(y),
+                )  # fmt: skip
             grads.update(u=du, A=dA, z=y)
             if need_B:
                 grads["B"] = dB_part.sum(0).transpose(2, 3)

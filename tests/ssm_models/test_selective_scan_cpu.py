@@ -226,3 +226,22 @@ def test_fast_exp_accuracy(np_dtype, ulps):
     with np.errstate(over="ignore"):
         expected = np.exp(special.astype(np.float64)).astype(np_dtype)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=np.finfo(np_dtype).smallest_subnormal * 2)
+
+
+def test_user_thread_setting_survives_the_first_scan() -> None:
+    """Numba's OpenMP layer shares the OpenMP runtime with torch; its first launch must not undo
+    ``torch.set_num_threads`` (checked in a fresh process, where that first launch happens)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from ssm_models.ops import selective_scan\n"
+        "u = torch.randn(1, 4, 8, requires_grad=True)\n"
+        "out = selective_scan(u, torch.rand(1, 4, 8), -torch.rand(4, 2), torch.randn(1, 2, 8), torch.randn(1, 2, 8),"
+        " backend='cpu')\n"
+        "out.sum().backward()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "1"
