@@ -13,7 +13,7 @@ import sys
 def _demo(arguments: argparse.Namespace) -> int:
     from mamba_lrp.demo import run_demo
 
-    run_demo(seed=arguments.seed, length=arguments.length)
+    run_demo(out=arguments.out, examples_per_task=arguments.examples, eval_examples=arguments.eval_examples)
     return 0
 
 
@@ -21,9 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mamba-lrp", description="Explain state-space sequence models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks (default: off)")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the embedded default job")
-    demo.add_argument("--seed", type=int, default=0, help="random seed of the demo model (default: 0)")
-    demo.add_argument("--length", type=int, default=32, help="prompt length in tokens (default: 32)")
+    demo = commands.add_parser("demo", help="explain and evaluate the shipped models (the embedded default job)")
+    demo.add_argument("--out", default="demo_out", help="folder for the evaluation files (default: demo_out)")
+    demo.add_argument("--examples", type=int, default=2, help="examples shown per model (default: 2)")
+    demo.add_argument("--eval-examples", type=int, default=24,
+                      help="examples in the faithfulness evaluation per model (default: 24)")
     demo.set_defaults(handler=_demo)
     return parser
 

@@ -1,45 +1,67 @@
 """The embedded default job of ``make demo`` / ``mamba-lrp demo``.
 
-For now (the foundation issue): build a small random Mamba LM, run its forward pass with the fast
-CPU scan, check it against the sequential reference scan, decode a few tokens greedily with the
-recurrent cache, and save/reload it. Later issues replace this with explanations of the shipped
-trained models.
+On the Mamba models shipped in ``mamba_lrp/models`` (trained on the built-in tasks), it explains
+built-in test examples with MambaLRP and baselines, prints each explanation as a line of tokens
+with their relevance, checks where the relevance lands against the task's known evidence, and
+runs a small faithfulness evaluation (Delta A^F, AOPC) whose files go to ``out``.
 """
 
 from __future__ import annotations
 
-import tempfile
+import json
 import time
+from pathlib import Path
 
 import torch
 
-from ssm_models import MambaConfig, MambaLM, load_pretrained
+from mamba_lrp.evaluation import evaluate
+from mamba_lrp.explain import explain
+from mamba_lrp.tasks import load_default_model, shipped_models, task_from_info
+
+DEMO_METHODS = ("mamba_lrp", "gradient_x_input", "integrated_gradients", "random")
 
 
-def run_demo(seed: int = 0, length: int = 32) -> dict[str, float]:
-    if length < 1:
-        raise ValueError(f"`length` must be >= 1, got {length}")
-    torch.manual_seed(seed)
-    config = MambaConfig(d_model=64, n_layer=2, vocab_size=100)
-    model = MambaLM(config).eval()
-    input_ids = torch.randint(0, config.vocab_size, (1, length))
-    with torch.no_grad():
-        start = time.perf_counter()
-        logits = model(input_ids)
-        fast_seconds = time.perf_counter() - start
-        reference = model.set_backend(scan="reference")(input_ids)
-        model.set_backend(scan="auto")
-    difference = float((logits - reference).norm() / reference.norm())
-    generated = model.generate(input_ids, max_new_tokens=8)
-    with tempfile.TemporaryDirectory() as directory:
-        model.save_pretrained(directory)
-        reloaded = load_pretrained(directory)
-        with torch.no_grad():
-            reload_equal = bool(torch.equal(reloaded(input_ids), logits))
-    print(f"Mamba LM: d_model={config.d_model}, n_layer={config.n_layer}, vocab={config.padded_vocab_size}")
-    print(f"input ids {tuple(input_ids.shape)} -> logits {tuple(logits.shape)} in {fast_seconds * 1e3:.1f} ms")
-    print(f"logits[0, -1, :5] = {[round(v, 4) for v in logits[0, -1, :5].tolist()]}")
-    print(f"fast CPU scan vs sequential reference: relative error {difference:.2e}")
-    print(f"greedy continuation: {generated[0, length:].tolist()}")
-    print(f"save_pretrained -> load_pretrained gives identical logits: {reload_equal}")
-    return {"relative_error": difference, "reload_equal": float(reload_equal)}
+def format_tokens(tokens: list[str], relevance: torch.Tensor, evidence: set[int]) -> str:
+    """One line: each token followed by its relevance in percent of the total absolute relevance;
+    ground-truth tokens are marked with ``*``."""
+    scale = float(relevance.abs().sum()) or 1.0
+    return " ".join(
+        f"{token}{'*' if index in evidence else ''}({100 * float(score) / scale:+.0f})"
+        for index, (token, score) in enumerate(zip(tokens, relevance, strict=True))
+    )
+
+
+def run_demo(out: str | Path = "demo_out", examples_per_task: int = 2, eval_examples: int = 24) -> dict:
+    """Run the demo; returns (and writes to ``out/demo.json``) what it measured."""
+    if examples_per_task < 1 or eval_examples < 1:
+        raise ValueError("`examples_per_task` and `eval_examples` must be >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    summary: dict = {}
+    for name in shipped_models():
+        model, tokenizer, info = load_default_model(name.split("-", 1)[1].replace("-", "_"))
+        task = task_from_info(info)
+        print(f"\n=== {name}: task {task.name}, recorded test accuracy {info.get('test_accuracy')}")
+        examples = task.examples("test", examples_per_task + eval_examples, seed=1)
+        for example in examples[:examples_per_task]:
+            ids = torch.tensor(example.input_ids)
+            for method in DEMO_METHODS:
+                explanation = explain(model, ids, target=example.label_id, method=method)
+                top = int(explanation.relevance.argmax())
+                line = format_tokens(list(example.tokens), explanation.relevance, set(example.evidence))
+                print(f"  {method:>22}: {line}")
+                print(f"  {'':>22}  logit {float(explanation.output):+.3f}, conservation error "
+                      f"{float(explanation.conservation_error):.3f}, top token {example.tokens[top]!r} "
+                      f"{'is' if top in example.evidence else 'is not'} evidence")
+            print()
+        data = [list(example.input_ids) for example in examples[examples_per_task:]]
+        result = evaluate(model, data, methods=list(DEMO_METHODS), metrics=["delta_af", "aopc"],
+                          out=out / name, target="prediction", steps=10, progress=False)
+        summary[name] = result
+        print(f"  faithfulness on {len(data)} test examples (files in {out / name}):")
+        print((out / name / "summary.md").read_text())
+    seconds = time.perf_counter() - start
+    (out / "demo.json").write_text(json.dumps({"seconds": seconds, "evaluation": summary}, indent=1, default=str))
+    print(f"demo finished in {seconds:.0f} s; results in {out}/")
+    return summary

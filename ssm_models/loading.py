@@ -314,6 +314,9 @@ def _atomic_write(target: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):

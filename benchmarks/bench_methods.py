@@ -1,0 +1,52 @@
+"""Cost of every explanation method relative to one ``mamba_lrp`` explanation, same model and input.
+
+    .venv/bin/python benchmarks/bench_methods.py [--d-model 256] [--layers 4] [--length 256] [--repeats 3]
+
+Random Mamba (vocab 1000, float32), batch 1, CPU; each method with its default options; medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from mamba_lrp import explain, method_names
+from ssm_models import MambaConfig, MambaLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    arguments = parser.parse_args()
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=arguments.d_model, n_layer=arguments.layers, vocab_size=1000)).eval()
+    ids = torch.randint(0, 1000, (arguments.length,))
+    methods = method_names()
+    seconds: dict[str, float] = {}
+    for method in methods:
+        explain(model, ids, target=0, method=method)  # warm-up (numba compile, captum set-up)
+        times = []
+        for _ in range(arguments.repeats):
+            start = time.perf_counter()
+            explain(model, ids, target=0, method=method)
+            times.append(time.perf_counter() - start)
+        seconds[method] = statistics.median(times)
+    base = seconds["mamba_lrp"]
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"\nMamba d_model={arguments.d_model}, {arguments.layers} layers, L={arguments.length}, fp32, batch 1; "
+          f"medians of {arguments.repeats}, default options\n")
+    print("| method | seconds | cost / mamba_lrp |")
+    print("|---|---|---|")
+    for method in sorted(methods, key=seconds.get):
+        print(f"| {method} | {seconds[method]:.4f} | {seconds[method] / base:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
