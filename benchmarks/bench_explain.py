@@ -10,26 +10,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from captum.attr import LayerIntegratedGradients
+from timing import median_seconds
 
 from mamba_lrp import explain
 from ssm_models import MambaConfig, MambaLM
-
-
-def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

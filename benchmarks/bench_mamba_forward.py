@@ -9,26 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import transformers
+from timing import median_seconds
 
 from ssm_models import from_hf
 from ssm_models.ops import causal_conv1d
-
-
-def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 from mamba_lrp import explain, method_names
 from ssm_models import MambaConfig, MambaLM
@@ -30,14 +29,8 @@ def main() -> None:
     ids = torch.randint(0, 1000, (arguments.length,))
     methods = method_names()
     seconds: dict[str, float] = {}
-    for method in methods:
-        explain(model, ids, target=0, method=method)  # warm-up (numba compile, captum set-up)
-        times = []
-        for _ in range(arguments.repeats):
-            start = time.perf_counter()
-            explain(model, ids, target=0, method=method)
-            times.append(time.perf_counter() - start)
-        seconds[method] = statistics.median(times)
+    for method in methods:  # one warm-up call each (numba compile, captum set-up)
+        seconds[method] = median_seconds(lambda m=method: explain(model, ids, target=0, method=m), arguments.repeats)
     base = seconds["mamba_lrp"]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"\nMamba d_model={arguments.d_model}, {arguments.layers} layers, L={arguments.length}, fp32, batch 1; "
