@@ -81,18 +81,34 @@ def select_outputs(hidden: torch.Tensor, inputs: AttributionInputs) -> tuple[tor
     return at_position[rows, target], target
 
 
-def lrp_attribution(inputs: AttributionInputs, composite: Composite) -> AttributionResult:
+def lrp_attribution(
+    inputs: AttributionInputs, composite: Composite, recompute_blocks: bool = False
+) -> AttributionResult:
     """LRP as Gradient x Input under ``composite``: one forward and one backward pass.
 
     The embeddings ``e`` (B, L, D) and the input ``h_l`` of every block (and of the final norm)
     are kept; relevance at a layer is ``sum_d h_l * dF/dh_l`` with ``F = sum_b f_b`` (the examples
     of a batch are independent). ``layer_sums[:, l]`` is its sum over tokens.
+
+    ``recompute_blocks``: keep only the block inputs for the backward pass and recompute each
+    block during it (the model's ``recompute_blocks`` switch, restored afterwards): activation
+    memory O(n_layer * B * L * D) plus one block's, for a second forward pass.
     """
     model = inputs.model
     layers = list(model.backbone.layers) + [model.backbone.norm_f]
     captured: list[torch.Tensor] = []
-    hooks = [layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0])) for layer in layers]
+
+    def capture(_module: torch.nn.Module, args: tuple) -> None:
+        if len(captured) < len(layers):  # recomputation calls the blocks again during the backward
+            captured.append(args[0])
+
+    hooks = [layer.register_forward_pre_hook(capture) for layer in layers]
+    previous_recompute = getattr(model, "recompute_blocks", False)
+    if recompute_blocks and not hasattr(model, "recompute_blocks"):
+        raise ValueError(f"`recompute_blocks`: {type(model).__name__} cannot recompute its blocks")
     try:
+        if recompute_blocks:
+            model.recompute_blocks = True
         with composite.context(model), torch.enable_grad():
             embeddings = model.embed(inputs.input_ids).detach().requires_grad_(True)
             hidden = model.hidden_states(inputs_embeds=embeddings, attention_mask=inputs.attention_mask)
@@ -101,6 +117,8 @@ def lrp_attribution(inputs: AttributionInputs, composite: Composite) -> Attribut
     finally:
         for hook in hooks:
             hook.remove()
+        if hasattr(model, "recompute_blocks"):
+            model.recompute_blocks = previous_recompute
     per_layer = [
         (hidden.detach() * gradient).sum(-1) if gradient is not None else torch.zeros(hidden.shape[:2])
         for hidden, gradient in zip(captured, gradients, strict=True)

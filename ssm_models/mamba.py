@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ssm_models.primitives import CausalConv1d, GatingProduct, RMSNorm, SelectiveSSM, SiLU
 
@@ -230,6 +231,10 @@ class MambaLM(nn.Module):
         self.config = config
         self.backbone = MambaBackbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        #: Keep only each block's input for the backward pass and recompute the block's inside
+        #: during it (activation memory O(n_layer * B * L * d_model) plus one block's), at the
+        #: cost of a second forward. Off by default; ``explain(..., recompute_blocks=True)``.
+        self.recompute_blocks = False
         self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
@@ -327,8 +332,12 @@ class MambaLM(nn.Module):
         padding_mask = None
         if attention_mask is not None:
             padding_mask = self.check_attention_mask(attention_mask, hidden.shape[:2])
+        recompute = self.recompute_blocks and torch.is_grad_enabled() and cache is None
         for index, block in enumerate(self.backbone.layers):
-            hidden = block(hidden, cache, index, padding_mask)
+            if recompute:
+                hidden = checkpoint(block, hidden, None, index, padding_mask, use_reentrant=False)
+            else:
+                hidden = block(hidden, cache, index, padding_mask)
         return self.backbone.norm_f(hidden)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

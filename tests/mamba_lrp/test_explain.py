@@ -236,3 +236,13 @@ def test_bad_input(arguments: dict, message: str) -> None:
         explain(model, **call)
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
     assert not any("forward" in module.__dict__ for module in model.modules())
+
+
+def test_recomputing_blocks_gives_the_same_relevance() -> None:
+    model = conservative_model(10, n_layer=3)
+    ids = torch.randint(0, 40, (2, 30))
+    plain = explain(model, ids, target=5)
+    recomputed = explain(model, ids, target=5, recompute_blocks=True)
+    assert model.recompute_blocks is False
+    assert torch.allclose(recomputed.relevance, plain.relevance, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(recomputed.layer_sums, plain.layer_sums, rtol=1e-12)
