@@ -82,6 +82,19 @@ class Explanation:
                 f"target={short(self.target)}, position={short(self.position)}, output={short(self.output)}, "
                 f"max conservation_error={float(self.conservation_error.max()):.2e})")
 
+    # ---------------------------------------------------------------- display
+    def _repr_html_(self) -> str:
+        """The HTML token heatmap (:func:`mamba_lrp.viz.html_heatmap`), for notebooks."""
+        from mamba_lrp.viz import html_heatmap
+
+        return html_heatmap(self)
+
+    def show(self) -> None:
+        """Show the heatmap: HTML in a notebook (IPython), else printed to the terminal."""
+        from mamba_lrp.viz import show
+
+        show(self)
+
     # ------------------------------------------------------------------ words
     def to_words(self) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """Sum the relevance of subword tokens into words.
