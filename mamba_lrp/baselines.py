@@ -42,8 +42,10 @@ Design choices, each for a reason:
   left as it was.
 
 Captum's own knobs pass through as options (``internal_batch_size``, ``perturbations_per_eval``,
-``nt_samples_batch_size``, ``show_progress``, ...). IG's ``method`` (the quadrature) is named
-``integration_method`` here, because ``explain`` uses ``method`` for the method's name.
+``nt_samples_batch_size``, ``show_progress``, ...); the perturbation methods evaluate
+``perturbations_per_eval=16`` perturbed inputs per forward by default (Captum: 1). IG's ``method``
+(the quadrature) is named ``integration_method`` here, because ``explain`` uses ``method`` for the
+method's name.
 """
 
 from __future__ import annotations
@@ -259,7 +261,7 @@ def occlusion(
     window: int = 1,
     stride: int = 1,
     baseline_token: int = 0,
-    perturbations_per_eval: int = 1,
+    perturbations_per_eval: int = 16,
     **captum_options: Any,
 ) -> AttributionResult:
     """Occlusion (Zeiler and Fergus 2014) with a sliding window of ``window`` tokens moved by
@@ -283,7 +285,7 @@ def occlusion(
 
 
 def feature_ablation(
-    inputs: AttributionInputs, baseline_token: int = 0, perturbations_per_eval: int = 1, **captum_options: Any
+    inputs: AttributionInputs, baseline_token: int = 0, perturbations_per_eval: int = 16, **captum_options: Any
 ) -> AttributionResult:
     """Feature ablation, one feature per token (Captum ``FeatureAblation``): ``R_t = f(x) - f(x with
     token t replaced by baseline_token)`` (default 0 / pad). The same numbers as ``occlusion`` with
@@ -302,7 +304,7 @@ def shapley_sampling(
     inputs: AttributionInputs,
     n_samples: int = 25,
     baseline_token: int = 0,
-    perturbations_per_eval: int = 1,
+    perturbations_per_eval: int = 16,
     seed: int | None = 0,
     **captum_options: Any,
 ) -> AttributionResult:
