@@ -77,8 +77,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=arguments.d_model, n_layer=arguments.layers, vocab_size=50277)).eval()
     ids = torch.randint(1, 50277, (arguments.length,))
-    with torch.no_grad():
-        model(ids[None, :8])  # the first forward initialises the CPU scan, which resets torch's thread count
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
     explanation = explain(model, ids)

@@ -57,6 +57,18 @@ def random_hf_mamba(
 
 
 @contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Run tiny models on one thread (OpenMP start-up costs more than it saves, and two threads
+    stall on a shared 2-core machine); torch's setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def hf_keeps_float64() -> Iterator[None]:
     """`transformers`' Mamba casts to float32 in places (``.float()``, RMSNorm's ``.to(float32)``,
     the logits). For an fp64 reference, make those casts keep float64 tensors as they are."""

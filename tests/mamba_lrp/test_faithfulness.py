@@ -22,19 +22,13 @@ from mamba_lrp.faithfulness import (
     get_metric,
 )
 from ssm_models import MambaLM, from_hf
-from tests.helpers import random_hf_mamba
+from tests.helpers import random_hf_mamba, single_torch_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The models here are tiny: one thread avoids OpenMP overhead (and waits on a shared CPU).
-    A first forward comes before, as the CPU scan's first use resets torch's thread count."""
-    with torch.no_grad():
-        from_hf(random_hf_mamba(0))(torch.zeros(1, 2, dtype=torch.long))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 class AdditiveModel(nn.Module):

@@ -24,6 +24,7 @@ from mamba_lrp.tasks import (
 )
 from mamba_lrp.tasks.sentiment import INTENSIFIERS, NEGATIVE_WORDS, NEGATORS, POSITIVE_WORDS
 from mamba_lrp.training import TrainingConfig, build_model, evaluate_accuracy, lr_factor, train
+from tests.helpers import single_torch_thread
 
 ALL_TASKS = ["associative_recall", "flip_flop", "icl_regression", "needle", "sentiment"]
 N_EXAMPLES = 500
@@ -208,11 +209,8 @@ def test_lr_schedule() -> None:
 
 @pytest.fixture
 def one_thread():
-    """Tiny tensors train much faster on one thread (two OpenMP threads stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 @pytest.mark.parametrize("objective", ["last", "next_token"])
