@@ -4,16 +4,25 @@ Applying a composite (``with composite.context(model): ...``) replaces the ``for
 matching module *instances* by the rule's value-identical forward, and restores every instance
 exactly on exit, also when an exception is raised inside. Classes and globals are never touched.
 
-Named composites (``get_composite(name)``, ``composite_names()``):
+Named composites (``get_composite(name)``, ``composite_names()``). The same composite serves all
+three architectures, because it maps primitive *types*: Mamba (SiLU, gate product, RMSNorm,
+selective SSM), H3 (two products ``SSM_shift(k) * v`` and ``q * SSM_diag(.)`` as gate products,
+LayerNorm, GELU, attention layers) and B'MOJO (Mamba's primitives plus attention):
 
-| name | SiLU | gate product | RMSNorm | selective SSM | Linear / conv |
-|---|---|---|---|---|---|
-| ``mamba_lrp`` (the paper) | identity | uniform (half) | norm | SSM rule | LRP-0 |
-| ``mamba_lrp_epsilon`` | identity | uniform (half) | norm | SSM rule | LRP-eps (1e-6) |
-| ``mamba_lrp_gamma`` | identity | uniform (half) | norm | SSM rule | LRP-gamma (0.25) |
-| ``lrp_ln_rule`` (naive LRP) | - | - | norm | - | LRP-0 |
-| ``gradient_x_input`` | - | - | - | - | LRP-0 |
-| ``mamba_lrp_no_silu`` / ``_no_gate`` / ``_no_norm`` / ``_no_ssm`` | ``mamba_lrp`` with that one rule removed |||||
+| name | SiLU / GELU | products | RMSNorm / LayerNorm | selective SSM | attention | Linear / conv |
+|---|---|---|---|---|---|---|
+| ``mamba_lrp`` (the paper) | identity | uniform (half) | norm | SSM rule | CP-LRP | LRP-0 |
+| ``mamba_lrp_attnlrp`` | identity | uniform (half) | norm | SSM rule | AttnLRP | LRP-0 |
+| ``mamba_lrp_epsilon`` | identity | uniform (half) | norm | SSM rule | CP-LRP | LRP-eps (1e-6) |
+| ``mamba_lrp_gamma`` | identity | uniform (half) | norm | SSM rule | CP-LRP | LRP-gamma (0.25) |
+| ``lrp_ln_rule`` (naive LRP) | - | - | norm | - | - | LRP-0 |
+| ``gradient_x_input`` | - | - | - | - | - | LRP-0 |
+| ``mamba_lrp_no_silu`` / ``_no_gate`` / ``_no_norm`` / ``_no_ssm`` | ``mamba_lrp`` with that one rule removed ||||||
+
+H3's linear time-invariant SSMs (shift and diagonal, FFT or recurrent) and all Linear layers are
+linear in their input, so plain gradient x input through them *is* LRP-0 and they need no rule.
+B'MOJO's eidetic selection is a discrete choice of positions: no relevance passes through it; the
+selected tokens receive relevance through the attention values.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from attribution_rules.rules import (
+    AttnLRPRule,
+    CPLRPRule,
     EpsilonRule,
     GammaRule,
     IdentityRule,
@@ -36,12 +47,12 @@ from attribution_rules.rules import (
     SSMRule,
     UniformProductRule,
 )
-from ssm_models.primitives import CausalConv1d, GatingProduct, RMSNorm, SelectiveSSM, SiLU
+from ssm_models.primitives import Attention, CausalConv1d, GatingProduct, RMSNorm, SelectiveSSM, SiLU
 
 #: Primitive types that are not linear: a composite that leaves one of them without a rule
 #: gets plain gradient there, which is not conservative. Other packages may extend this tuple.
 NONLINEAR_PRIMITIVES: tuple[type[nn.Module], ...] = (SiLU, nn.SiLU, nn.GELU, GatingProduct, RMSNorm, nn.LayerNorm,
-                                                     SelectiveSSM)
+                                                     SelectiveSSM, Attention)
 AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, CausalConv1d, nn.Conv1d)
 
 
@@ -141,8 +152,9 @@ def get_composite(name: str) -> Composite:
     return _REGISTRY[name]()
 
 
-def mamba_lrp_rules(affine_rule: Rule | None = None) -> dict[type[nn.Module], Rule]:
-    """The paper's rules by primitive type; ``affine_rule`` optionally for Linear/conv layers."""
+def mamba_lrp_rules(affine_rule: Rule | None = None, attention_rule: Rule | None = None) -> dict[type[nn.Module], Rule]:
+    """The paper's rules by primitive type; ``affine_rule`` optionally for Linear/conv layers;
+    ``attention_rule`` for attention (default CP-LRP)."""
     rules: dict[type[nn.Module], Rule] = {
         SiLU: IdentityRule(),
         nn.SiLU: IdentityRule(),
@@ -151,6 +163,7 @@ def mamba_lrp_rules(affine_rule: Rule | None = None) -> dict[type[nn.Module], Ru
         RMSNorm: NormRule(),
         nn.LayerNorm: NormRule(),
         SelectiveSSM: SSMRule(),
+        Attention: CPLRPRule() if attention_rule is None else attention_rule,
     }
     if affine_rule is not None:
         rules.update({module_type: affine_rule for module_type in AFFINE_TYPES})
@@ -171,6 +184,8 @@ register_composite("mamba_lrp_epsilon", lambda: Composite(mamba_lrp_rules(Epsilo
                                                           description="MambaLRP with LRP-epsilon on affine layers"))
 register_composite("mamba_lrp_gamma", lambda: Composite(mamba_lrp_rules(GammaRule(0.25)),
                                                         description="MambaLRP with LRP-gamma on affine layers"))
+register_composite("mamba_lrp_attnlrp", lambda: Composite(mamba_lrp_rules(attention_rule=AttnLRPRule()),
+                                                          description="MambaLRP with AttnLRP for attention layers"))
 register_composite("lrp_ln_rule", lambda: Composite({RMSNorm: NormRule(), nn.LayerNorm: NormRule()},
                                                     description="naive LRP: LN-rule only", warn_uncovered=False))
 register_composite("gradient_x_input", lambda: Composite({}, description="plain gradient x input",

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssm_models.ops import causal_conv1d
-from ssm_models.primitives import CausalConv1d, RMSNorm, SiLU
+from ssm_models.primitives import Attention, CausalConv1d, RMSNorm, SiLU
 
 Forward = Callable[..., Any]
 
@@ -207,3 +207,42 @@ class PassRule(Rule):
         if y.shape != x.shape:
             raise ValueError(f"PassRule needs equal input and output shapes, got {tuple(x.shape)} -> {tuple(y.shape)}")
         return x + (y - x).detach()
+
+
+def _uniform_bilinear(product: torch.Tensor) -> torch.Tensor:
+    """A bilinear product with the uniform rule: same value, each factor gets half the gradient."""
+    half = product / 2
+    return half + (product - half).detach()
+
+
+class CPLRPRule(Rule):
+    """CP-LRP for attention (Ali et al. 2022, REFERENCE.md 6): the attention probabilities are
+    constants, ``out = P.detach() v``, so attention is linear in the values and all relevance flows
+    through them (conservative); queries and keys receive none."""
+
+    name = "cp_lrp"
+
+    def forward(self, module: nn.Module, original: Forward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        if not isinstance(module, Attention):
+            raise TypeError(f"CPLRPRule does not know {type(module).__name__}")
+        return torch.matmul(module.probabilities(q, k, mask).detach(), v)
+
+
+class AttnLRPRule(Rule):
+    """AttnLRP for attention (Achtibat et al. 2024, REFERENCE.md 6): the products ``q k^T`` and
+    ``P v`` get the uniform rule (half the relevance to each factor) and the softmax its AttnLRP rule
+    ``R_x = x (R_y - y sum R_y)``, which is exactly gradient x input of the softmax, so it needs no
+    modification. Relevance reaches queries, keys and values. Not exactly conservative: the
+    softmax rule's Taylor bias ``sum_i x_i y_i sum_j R_j`` is absorbed (it vanishes only when the
+    scores are equal); ``cp_lrp`` is the conservative choice."""
+
+    name = "attn_lrp"
+
+    def forward(self, module: nn.Module, original: Forward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        if not isinstance(module, Attention):
+            raise TypeError(f"AttnLRPRule does not know {type(module).__name__}")
+        scores = _uniform_bilinear(module.scores(q, k))
+        probabilities = module.probabilities_from_scores(scores, mask)
+        return _uniform_bilinear(torch.matmul(probabilities, v))

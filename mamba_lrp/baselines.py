@@ -244,7 +244,7 @@ def smoothgrad(
     prepared = _Prepared(inputs, "smoothgrad")
     nt_samples = _check_positive_int(nt_samples, "nt_samples")
     if stdevs is None:
-        weight = prepared.model.backbone.embedding.weight[: prepared.model.config.vocab_size]
+        weight = prepared.model.embedding.weight[: prepared.model.config.vocab_size]
         stdevs = 0.15 * float(weight.detach().double().std())
     if not stdevs >= 0:
         raise ValueError(f"`stdevs` must be >= 0, got {stdevs!r}")

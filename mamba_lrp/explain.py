@@ -15,14 +15,19 @@ from mamba_lrp.methods import AttributionInputs, get_method
 def resolve_model(model: nn.Module) -> nn.Module:
     """Our model for ``model``: ours as is; a ``transformers`` ``MambaForCausalLM`` converted with
     :func:`ssm_models.from_hf` (weights shared, the user's model object untouched)."""
-    if hasattr(model, "embed") and hasattr(model, "backbone") and hasattr(model, "check_input_ids"):
+    from ssm_models.lm_base import SequenceLM
+
+    if isinstance(model, SequenceLM):
         return model
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) == "mamba":
         from ssm_models import from_hf
 
         return from_hf(model)
-    raise ValueError(f"`model` must be an ssm_models LM or a transformers MambaForCausalLM, got {type(model).__name__}")
+    raise ValueError(
+        f"`model` must be an ssm_models LM (MambaLM, H3LM, BMojoLM) or a transformers MambaForCausalLM, "
+        f"got {type(model).__name__}"
+    )
 
 
 def _as_id_tensor(input_ids: Any, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -134,7 +139,7 @@ def explain(
         vocabulary = ours.num_embeddings
         if bool((targets < 0).any()) or bool((targets >= vocabulary).any()):
             raise ValueError(f"`target` {targets.tolist()} is outside the model's output range [0, {vocabulary - 1}]")
-    n_layer = len(ours.backbone.layers)
+    n_layer = len(ours.blocks)
     if layer is not None and (not isinstance(layer, int) or not 0 <= layer <= n_layer):
         raise ValueError(
             f"`layer` must be an integer in [0, {n_layer}] (block inputs; {n_layer} = final norm), got {layer!r}"

@@ -95,7 +95,7 @@ def lrp_attribution(
     memory O(n_layer * B * L * D) plus one block's, for a second forward pass.
     """
     model = inputs.model
-    layers = list(model.backbone.layers) + [model.backbone.norm_f]
+    layers = list(model.blocks) + [model.final_norm]
     captured: list[torch.Tensor] = []
 
     def capture(_module: torch.nn.Module, args: tuple) -> None:

@@ -19,12 +19,15 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ssm_models.lm_base import SequenceLM
 from ssm_models.mamba import MambaConfig, MambaLM
 
 KEY_NAMINGS = ("state-spaces", "hf")
@@ -154,21 +157,27 @@ def _state_spaces_to_hf_key(key: str) -> str:
 
 
 def load_state_dict_into(
-    model: MambaLM, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False
+    model: SequenceLM,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    assign: bool = False,
+    rename: Callable[[str], str] | None = None,
 ) -> None:
-    """Load a state dict in either key naming into ``model``; a missing ``lm_head.weight`` means tied.
+    """Load a state dict into ``model``; a missing ``lm_head.weight`` means tied. ``rename`` maps
+    checkpoint keys to ours (default: Mamba's Hugging Face names to state-spaces names).
 
     Raises ``ValueError`` listing missing or unexpected keys, or mismatched shapes.
     """
-    state = {_hf_to_state_spaces_key(key): value for key, value in state_dict.items()}
-    if model.config.tie_embeddings:
+    rename = _hf_to_state_spaces_key if rename is None else rename
+    state = {rename(key): value for key, value in state_dict.items()}
+    tied = bool(getattr(model.config, "tie_embeddings", False))
+    embedding_key = next(name for name, parameter in model.named_parameters() if parameter is model.embedding.weight)
+    if tied:
         head = state.pop("lm_head.weight", None)
-        embedding = state.get("backbone.embedding.weight")
+        embedding = state.get(embedding_key)
         if head is not None and embedding is not None and not torch.equal(head, embedding):
             raise ValueError(f"{source}: the config ties the head to the embedding, but lm_head.weight differs")
-    expected = {key: value for key, value in model.state_dict().items() if not (
-        model.config.tie_embeddings and key == "lm_head.weight"
-    )}
+    expected = {key: value for key, value in model.state_dict().items() if not (tied and key == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -182,8 +191,8 @@ def load_state_dict_into(
                 f"the config expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(state, strict=False, assign=assign)
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.backbone.embedding.weight
+    if tied:
+        model.lm_head.weight = model.embedding.weight
 
 
 def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
@@ -220,6 +229,46 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     if len(safetensors) == 1:
         return _read_weight_file(safetensors[0])
     raise ValueError(f"{directory}: no weights found (expected model.safetensors or pytorch_model.bin)")
+
+
+# --------------------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class Architecture:
+    """How to build and read one model family that is saved in our own format: ``config.json``
+    holds ``{"architecture": name, **config fields}``. ``config_from_dict`` turns that dict into
+    the config (raising ``ValueError`` naming a bad field), ``build`` makes the model from it, and
+    ``rename_key`` maps public checkpoint key namings to ours (identity by default)."""
+
+    name: str
+    config_from_dict: Callable[[dict[str, Any]], Any]
+    build: Callable[[Any], SequenceLM]
+    rename_key: Callable[[str], str] = field(default=lambda key: key)
+    prepare_state_dict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = field(default=lambda s: s)
+
+
+_ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(architecture: Architecture) -> None:
+    """Make ``load_pretrained`` read checkpoints whose config names ``architecture.name``."""
+    _ARCHITECTURES[architecture.name] = architecture
+
+
+def architecture_names() -> list[str]:
+    return ["mamba", *sorted(_ARCHITECTURES)]
+
+
+def _load_registered(directory: Path, raw: dict[str, Any], architecture: Architecture) -> SequenceLM:
+    fields = {key: value for key, value in raw.items() if key != "architecture"}
+    try:
+        config = architecture.config_from_dict(fields)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{directory / 'config.json'}: not a valid {architecture.name} config ({error})") from None
+    state = architecture.prepare_state_dict(read_state_dict(directory))
+    with torch.device("meta"):
+        model = architecture.build(config)
+    load_state_dict_into(model, state, source=str(directory), assign=True, rename=architecture.rename_key)
+    return model
 
 
 # --------------------------------------------------------------------------- public
@@ -259,8 +308,9 @@ def detect_key_naming(raw_config: dict[str, Any]) -> str:
 
 def load_pretrained(
     path_or_hub_id: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> MambaLM:
-    """Load a model from a checkpoint directory or hub id (state-spaces or Hugging Face format).
+) -> SequenceLM:
+    """Load a model from a checkpoint directory or hub id: Mamba in the state-spaces or Hugging Face
+    format, or any registered architecture (H3, B'MOJO) in our format (``architecture`` field).
 
     ``dtype``: cast the weights (default: as stored). Raises ``ValueError`` with the reason when
     the directory, its config or its weights cannot be used.
@@ -275,7 +325,10 @@ def load_pretrained(
         raise ValueError(f"{config_path}: not valid JSON ({error})") from None
     architecture = raw.get("architecture", "mamba")
     if architecture != "mamba":
-        raise ValueError(f"{config_path}: architecture {architecture!r} is not supported by this version")
+        if architecture not in _ARCHITECTURES:
+            raise ValueError(f"{config_path}: unknown architecture {architecture!r}; known: {architecture_names()}")
+        model = _load_registered(directory, raw, _ARCHITECTURES[architecture])
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     naming = detect_key_naming(raw)
     try:
         config = config_from_state_spaces(raw) if naming == "state-spaces" else config_from_hf(raw)
@@ -288,10 +341,13 @@ def load_pretrained(
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
 
 
-def save_pretrained(model: MambaLM, directory: str | Path, key_naming: str = "state-spaces") -> Path:
-    """Write ``config.json`` and ``model.safetensors`` in ``key_naming`` (``"state-spaces"``, or
-    ``"hf"``, which ``transformers.MambaForCausalLM.from_pretrained`` also reads). Files are
-    written to temporary names and renamed, so an interrupted save leaves no half file."""
+def save_pretrained(model: SequenceLM, directory: str | Path, key_naming: str = "state-spaces") -> Path:
+    """Write ``config.json`` and ``model.safetensors``. A Mamba model is written in ``key_naming``
+    (``"state-spaces"``, or ``"hf"``, which ``transformers.MambaForCausalLM.from_pretrained`` also
+    reads); other architectures in our format (``{"architecture": name, **config}``, our keys).
+    Files are written to temporary names and renamed, so an interrupted save leaves no half file."""
+    if not isinstance(model, MambaLM):
+        return _save_registered(model, Path(directory))
     if key_naming not in KEY_NAMINGS:
         raise ValueError(f"`key_naming` must be one of {KEY_NAMINGS}, got {key_naming!r}")
     directory = Path(directory)
@@ -304,6 +360,20 @@ def save_pretrained(model: MambaLM, directory: str | Path, key_naming: str = "st
         if not (config.tie_embeddings and key == "lm_head.weight")
     }
     raw = config_to_state_spaces(config) if key_naming == "state-spaces" else config_to_hf(config)
+    _atomic_write(directory / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
+    _atomic_write(directory / "config.json", lambda path: Path(path).write_text(json.dumps(raw, indent=2) + "\n"))
+    return directory
+
+
+def _save_registered(model: SequenceLM, directory: Path) -> Path:
+    config = model.config
+    if config.architecture not in _ARCHITECTURES:
+        raise ValueError(f"cannot save a {type(model).__name__}: architecture {config.architecture!r} is unknown")
+    directory.mkdir(parents=True, exist_ok=True)
+    tied = bool(getattr(config, "tie_embeddings", False))
+    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()
+             if not (tied and key == "lm_head.weight")}
+    raw = {"architecture": config.architecture, **{k: v for k, v in config.to_dict().items() if k != "architecture"}}
     _atomic_write(directory / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
     _atomic_write(directory / "config.json", lambda path: Path(path).write_text(json.dumps(raw, indent=2) + "\n"))
     return directory

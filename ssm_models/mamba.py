@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ssm_models.lm_base import SequenceLM
 from ssm_models.primitives import CausalConv1d, GatingProduct, RMSNorm, SelectiveSSM, SiLU
 
 
@@ -223,18 +222,15 @@ class MambaBackbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
 
 
-class MambaLM(nn.Module):
-    """Mamba language model: ``forward(input_ids) -> logits (B, L, padded_vocab_size)``."""
+class MambaLM(SequenceLM):
+    """Mamba language model: ``forward(input_ids) -> logits (B, L, padded_vocab_size)``; the
+    shared machinery (checks, block loop, head, ``generate``, saving) is :class:`SequenceLM`'s."""
 
     def __init__(self, config: MambaConfig) -> None:
         super().__init__()
         self.config = config
         self.backbone = MambaBackbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        #: Keep only each block's input for the backward pass and recompute the block's inside
-        #: during it (activation memory O(n_layer * B * L * d_model) plus one block's), at the
-        #: cost of a second forward. Off by default; ``explain(..., recompute_blocks=True)``.
-        self.recompute_blocks = False
         self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
@@ -253,112 +249,17 @@ class MambaLM(nn.Module):
                 nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
                 block.mixer.out_proj.weight /= math.sqrt(config.n_layer)
 
-    # ------------------------------------------------------------------ inputs
     @property
-    def num_embeddings(self) -> int:
-        return self.backbone.embedding.num_embeddings
+    def embedding(self) -> nn.Embedding:
+        return self.backbone.embedding
 
-    def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
-        """Raise ``ValueError`` unless ``input_ids`` is an integer (B, L) tensor with L >= 1 and
-        every id in ``[0, num_embeddings)``."""
-        if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"`{name}` must be a torch.LongTensor of shape (batch, L), got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"`{name}` must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"`{name}` must have shape (batch, L), got {tuple(input_ids.shape)}")
-        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"`{name}` is empty (shape {tuple(input_ids.shape)}); expected batch >= 1 and L >= 1")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.num_embeddings:
-            bad = high if high >= self.num_embeddings else low
-            raise ValueError(
-                f"`{name}` contains token id {bad}, outside the vocabulary [0, {self.num_embeddings - 1}] of this model"
-            )
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.backbone.layers
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, L, d_model) of ``input_ids`` (B, L)."""
-        self.check_input_ids(input_ids)
-        return self.backbone.embedding(input_ids)
-
-    def _check_inputs_embeds(self, inputs_embeds: torch.Tensor) -> None:
-        expected = self.config.d_model
-        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-            raise ValueError("`inputs_embeds` must be a floating-point tensor of shape (batch, L, d_model)")
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != expected:
-            raise ValueError(
-                f"`inputs_embeds` must have shape (batch, L, d_model={expected}), got {tuple(inputs_embeds.shape)}"
-            )
-        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
-            raise ValueError(f"`inputs_embeds` is empty (shape {tuple(inputs_embeds.shape)}); expected batch, L >= 1")
-
-    # ----------------------------------------------------------------- forward
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: MambaCache | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, L, padded_vocab_size) of ``input_ids`` (B, L) or ``inputs_embeds``
-        (B, L, d_model), in float32 (float64 for float64 models): ``head(hidden_states(...))``.
-
-        ``attention_mask`` (B, L) of 0/1 marks padding (left or right): each real position gets
-        the logits it gets without the padding. With ``cache`` (see :meth:`new_cache`), the final
-        recurrent states are stored for :meth:`step`."""
-        return self.head(
-            self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache)
-        )
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: MambaCache | None = None,
-    ) -> torch.Tensor:
-        """The final hidden states (B, L, d_model), after ``norm_f`` and before the head. Use it
-        with :meth:`head` when logits are needed at a few positions only (the head of a 50K
-        vocabulary costs more than two Mamba layers at d_model 768)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of `input_ids` or `inputs_embeds`")
-        if inputs_embeds is None:
-            hidden = self.embed(input_ids)
-        else:
-            self._check_inputs_embeds(inputs_embeds)
-            hidden = inputs_embeds
-        padding_mask = None
-        if attention_mask is not None:
-            padding_mask = self.check_attention_mask(attention_mask, hidden.shape[:2])
-        recompute = self.recompute_blocks and torch.is_grad_enabled() and cache is None
-        for index, block in enumerate(self.backbone.layers):
-            if recompute:
-                hidden = checkpoint(block, hidden, None, index, padding_mask, use_reentrant=False)
-            else:
-                hidden = block(hidden, cache, index, padding_mask)
-        return self.backbone.norm_f(hidden)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (..., padded_vocab_size) of final hidden states (..., d_model), in float32
-        (float64 for float64 models)."""
-        weight = self.lm_head.weight
-        logits = self.lm_head(hidden.to(weight.dtype))
-        return logits.to(torch.promote_types(weight.dtype, torch.float32))
-
-    @staticmethod
-    def check_attention_mask(attention_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """Validate a 0/1 ``attention_mask`` of ``shape`` (B, L); return it as a bool tensor."""
-        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(shape):
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-            raise ValueError(f"`attention_mask` must be a tensor of shape {tuple(shape)} (batch, L), got {got}")
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (real token)")
-        mask = attention_mask.bool()
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError("`attention_mask` has a row with no real token (all zeros)")
-        return mask
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.backbone.norm_f
 
     # -------------------------------------------------------------- decoding
     def new_cache(self, batch_size: int) -> MambaCache:
@@ -372,35 +273,6 @@ class MambaLM(nn.Module):
         for index, block in enumerate(self.backbone.layers):
             hidden = block.step(hidden, cache, index)
         return self.head(self.backbone.norm_f(hidden))
-
-    @torch.no_grad()
-    def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding with the recurrent state cache.
-
-        ``input_ids`` (B, L) -> ids (B, L + max_new_tokens). With ``return_logits``, also the
-        logits (B, max_new_tokens, V) from which each new token was chosen; step ``k``'s logits
-        equal the full forward's logits at position ``L - 1 + k``. Tokens are chosen among the
-        ``config.vocab_size`` real ids (padding rows of the vocabulary are never produced).
-        """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be a non-negative integer, got {max_new_tokens!r}")
-        self.check_input_ids(input_ids)
-        if max_new_tokens == 0:
-            empty = torch.empty(input_ids.shape[0], 0, self.num_embeddings)
-            return (input_ids, empty) if return_logits else input_ids
-        cache = self.new_cache(input_ids.shape[0])
-        logits = self.head(self.hidden_states(input_ids, cache=cache)[:, -1])
-        tokens, step_logits = [], []
-        for index in range(max_new_tokens):
-            step_logits.append(logits)
-            next_token = logits[:, : self.config.vocab_size].argmax(-1)
-            tokens.append(next_token)
-            if index + 1 < max_new_tokens:
-                logits = self.step(next_token, cache)
-        ids = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
-        return (ids, torch.stack(step_logits, dim=1)) if return_logits else ids
 
     # ------------------------------------------------------------- backends
     def set_backend(self, scan: str | None = None, conv: str | None = None) -> MambaLM:
@@ -418,21 +290,3 @@ class MambaLM(nn.Module):
             if conv is not None and isinstance(module, CausalConv1d):
                 module.backend = conv
         return self
-
-    # --------------------------------------------------------------- saving
-    def save_pretrained(self, directory: str | Path, key_naming: str = "state-spaces") -> Path:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory``; see
-        :func:`ssm_models.loading.save_pretrained`."""
-        from ssm_models.loading import save_pretrained
-
-        return save_pretrained(self, directory, key_naming=key_naming)
-
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs) -> MambaLM:
-        """Load with :func:`ssm_models.loading.load_pretrained`."""
-        from ssm_models.loading import load_pretrained
-
-        model = load_pretrained(path_or_hub_id, **kwargs)
-        if not isinstance(model, cls):
-            raise ValueError(f"{path_or_hub_id} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model

@@ -159,3 +159,32 @@ class SelectiveSSM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention with an explicit boolean mask, parameter-free (the projections
+    live in the layer that owns it, so a rule sees queries, keys and values)::
+
+        out = softmax(q k^T / sqrt(d_head) + log(mask)) v
+
+    ``q`` (B, H, Lq, d_head), ``k, v`` (B, H, Lk, d_head), ``mask`` bool broadcastable to
+    (B, H, Lq, Lk), True where a query may attend to a key; every query needs at least one key.
+    The plain forward is ``torch.nn.functional.scaled_dot_product_attention``.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    @staticmethod
+    def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``q k^T / sqrt(d_head)``: (B, H, Lq, Lk), finite everywhere."""
+        return torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+
+    @staticmethod
+    def probabilities_from_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked softmax over the last axis; exactly 0 where ``mask`` is False."""
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+    def probabilities(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities (B, H, Lq, Lk), for introspection and for rules."""
+        return self.probabilities_from_scores(self.scores(q, k), mask)
