@@ -195,16 +195,46 @@ def load_state_dict_into(
         model.lm_head.weight = model.embedding.weight
 
 
+class _Unpicklable:
+    """Stand-in for a class or function named in a training checkpoint outside its ``state_dict``
+    (Lightning's hyper-parameters, loop states, ...): accepts any construction and state, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _load_training_checkpoint(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint whose non-tensor entries name other globals:
+    each such global is replaced by :class:`_Unpicklable`, so no code of the file runs. Returns None
+    unless the result holds a ``state_dict`` dict (a Lightning or training checkpoint)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stubs = [(type(name.rsplit(".", 1)[-1], (_Unpicklable,), {}), name) for name in names]
+        with torch.serialization.safe_globals(stubs):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return loaded if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict) else None
+
+
 def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file: safetensors, or a ``torch.save`` file read with
+    ``weights_only=True`` (a plain state dict, or a training/Lightning checkpoint whose
+    ``state_dict`` entry is taken; its other entries are never executed)."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor file (torch.load(weights_only=True) rejected it, "
-            f"so it may run code when unpickled): {str(error).splitlines()[0]}"
-        ) from None
+        loaded = _load_training_checkpoint(path)
+        if loaded is None:
+            raise ValueError(
+                f"refusing to load {path}: it is not a plain tensor file (torch.load(weights_only=True) rejected "
+                f"it, so it may run code when unpickled): {str(error).splitlines()[0]}"
+            ) from None
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -212,8 +242,17 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: safetensors first (single or sharded), else ``.bin``."""
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: ``path`` is a weight file, or a directory searched for
+    safetensors (single or sharded), then ``pytorch_model.bin``, then a single ``*.safetensors``,
+    ``*.bin``, ``*.pt``, ``*.pth`` or ``*.ckpt`` file (public H3 checkpoints are a ``model.pt``)."""
+    path = Path(path)
+    if path.is_file():
+        return _read_weight_file(path)
+    directory = path
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = directory / index_name
         if index_path.is_file():
@@ -225,10 +264,14 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
             return _read_weight_file(directory / name)
-    safetensors = sorted(directory.glob("*.safetensors"))
-    if len(safetensors) == 1:
-        return _read_weight_file(safetensors[0])
-    raise ValueError(f"{directory}: no weights found (expected model.safetensors or pytorch_model.bin)")
+    for suffix in _SINGLE_FILE_SUFFIXES:
+        candidates = sorted(directory.glob(f"*{suffix}"))
+        if len(candidates) == 1:
+            return _read_weight_file(candidates[0])
+        if len(candidates) > 1:
+            raise ValueError(f"{directory}: several {suffix} files {[c.name for c in candidates]}; pass one file")
+    raise ValueError(f"{directory}: no weights found (expected model.safetensors, pytorch_model.bin, or one "
+                     f"*.pt / *.ckpt file)")
 
 
 # --------------------------------------------------------------------------- architectures
