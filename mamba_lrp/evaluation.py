@@ -51,9 +51,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mamba_lrp.data import load_file
 from mamba_lrp.explain import explain, resolve_model
-from mamba_lrp.faithfulness import OUTPUTS, evaluate_example, get_metric, resolve_fractions
+from mamba_lrp.faithfulness import OUTPUTS, FlipCurve, evaluate_example, get_metric, resolve_fractions
 from mamba_lrp.methods import get_method
+from mamba_lrp.progress import progress_bar
 
 RESULTS = "results.jsonl"
 CURVES = "curves.jsonl"
@@ -66,14 +68,15 @@ _NUMBER_SETTINGS = ("metrics", "replacement", "output", "steps", "position", "ta
 
 
 # --------------------------------------------------------------------------- data
-class _Examples:
-    """Indexable examples: ``examples[i] -> (ids list[int], label or None)``."""
+class ExampleSource:
+    """The examples of ``data`` as :func:`evaluate` reads them (also used by :mod:`mamba_lrp.report`):
+    ``examples[i] -> (ids list[int], label or None)``; text is tokenised with ``tokenizer(text)["input_ids"]``."""
 
     def __init__(self, data: Any, tokenizer: Any, text_column: str, ids_column: str, label_column: str | None):
         self.tokenizer, self.label_column = tokenizer, label_column
         self.rows: Any
         if isinstance(data, str | os.PathLike):
-            data = _load_file(Path(data))
+            data = load_file(data)
         if _is_dataset(data):
             if isinstance(data.column_names, Mapping):
                 raise ValueError(f"`data` holds several splits {list(data.column_names)}: pass one, e.g. data['train']")
@@ -95,8 +98,8 @@ class _Examples:
                 raise ValueError("`label_column` needs a datasets.Dataset or a JSONL/CSV file, not a list of ids")
             self.rows, self.is_dataset, self.column = data, False, None
         else:
-            raise ValueError("`data` must be a datasets.Dataset, a .jsonl/.json/.csv path or a list of id sequences, "
-                             f"got {type(data).__name__}")
+            raise ValueError("`data` must be a datasets.Dataset, a .txt/.jsonl/.json/.csv path or a list of id "
+                             f"sequences, got {type(data).__name__}")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -115,17 +118,6 @@ class _Examples:
 
 def _is_dataset(data: Any) -> bool:
     return hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__")
-
-
-def _load_file(path: Path) -> Any:
-    import datasets
-
-    builders = {".jsonl": "json", ".json": "json", ".csv": "csv"}
-    if path.suffix.lower() not in builders:
-        raise ValueError(f"{path}: a data file must end in .jsonl, .json or .csv")
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    return datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
 
 
 def _id_list(value: Any, index: int) -> list[int]:
@@ -233,6 +225,27 @@ def _result_files(directory: Path, stem: str) -> list[Path]:
 
 def _done_pairs(directory: Path) -> set[tuple[int, str]]:
     return {(row["index"], row["method"]) for path in _result_files(directory, "results") for row in _read_rows(path)}
+
+
+def has_results(out: str | os.PathLike) -> bool:
+    """Whether ``out`` holds results of an evaluation: a summary, or at least one result row."""
+    directory = Path(out)
+    return (directory / SUMMARY_JSON).is_file() or any(
+        path.is_file() and path.stat().st_size > 0 for path in _result_files(directory, "results"))
+
+
+def read_curves(out: str | os.PathLike, kinds: Sequence[str] = ("deletion",)) -> dict[str, list[FlipCurve]]:
+    """The flipping curves that :func:`evaluate` wrote to ``out/curves.jsonl``, per method (in file
+    order), for :func:`mamba_lrp.viz.plot_flip_curves`: only the curves ``{kind}_{order}`` of
+    ``kinds`` (``deletion``, ``insertion``; the ERASER curves have other steps and are left out)."""
+    path = Path(out) / CURVES
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (not the output folder of an evaluation)")
+    curves: dict[str, list[FlipCurve]] = {}
+    for row in _read_rows(path):
+        if row["curve"].split("_", 1)[0] in kinds:
+            curves.setdefault(row["method"], []).append(FlipCurve.from_dict(row))
+    return curves
 
 
 # --------------------------------------------------------------------------- summary
@@ -374,8 +387,8 @@ def evaluate(
 
     Args:
         model: an ``ssm_models`` LM or a ``transformers`` ``MambaForCausalLM``.
-        data: a ``datasets.Dataset``, a ``.jsonl``/``.json``/``.csv`` path (read with
-            ``datasets.load_dataset``), or a list of id sequences (lists or 1-D tensors) or an
+        data: a ``datasets.Dataset``, a ``.txt``/``.jsonl``/``.json``/``.csv`` path (read with
+            :func:`mamba_lrp.data.load_file`), or a list of id sequences (lists or 1-D tensors) or an
             (N, L) tensor. Dataset rows hold text in ``text_column`` (tokenised with ``tokenizer``,
             ``tokenizer(text)["input_ids"]``) or ids in ``ids_column``.
         methods: names from :func:`mamba_lrp.method_names`.
@@ -386,7 +399,7 @@ def evaluate(
         replacement, output, steps, batch_size: as in :func:`mamba_lrp.faithfulness.flip_curve`.
         position: the explained position (negative: from the end), as in :func:`mamba_lrp.explain`.
         seed: per-example seed ``seed + index`` for random orders.
-        progress: a tqdm progress bar on stderr.
+        progress: a ``rich`` progress bar on stderr (:mod:`mamba_lrp.progress`).
         method_options: passed to :func:`mamba_lrp.explain` (and so to the method).
 
     Returns the summary dict (also written to ``out/summary.json``).
@@ -406,7 +419,7 @@ def evaluate(
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"`limit` must be a non-negative integer or None, got {limit!r}")
     model = resolve_model(model)
-    examples = _Examples(data, tokenizer, text_column, ids_column, label_column)
+    examples = ExampleSource(data, tokenizer, text_column, ids_column, label_column)
     count = len(examples) if limit is None else min(limit, len(examples))
     settings = _jsonable({
         "metrics": metrics, "replacement": replacement, "output": output,
@@ -471,15 +484,13 @@ def _prepare_directory(directory: Path, settings: dict, resume: bool) -> str | N
     return None
 
 
-def _run(model: nn.Module, examples: _Examples, todo: list[tuple[int, str]], results_path: Path, curves_path: Path,
+def _run(model: nn.Module, examples: ExampleSource, todo: list[tuple[int, str]], results_path: Path, curves_path: Path,
          *, tokenizer: Any, label_to_token: Mapping | None, target: str, metrics: list[str], replacement: Any,
          output: str, steps: Any, batch_size: int, position: int, seed: int, progress: bool,
          method_options: dict) -> None:
-    from tqdm import tqdm
-
     current: tuple[int, list[int], int] | None = None  # (index, ids, target token) of the example in hand
     with results_path.open("a") as results, curves_path.open("a") as curves, \
-            tqdm(total=len(todo), disable=not progress, desc="faithfulness", unit="explanation") as bar:
+            progress_bar(len(todo), "faithfulness", enabled=progress) as bar:
         for index, method in todo:
             if current is None or current[0] != index:
                 ids, label = examples[index]
@@ -502,4 +513,4 @@ def _run(model: nn.Module, examples: _Examples, todo: list[tuple[int, str]], res
                 "conservation_error": _finite(float(explanation.conservation_error)),
                 "metrics": {name: _finite(value) for name, value in values.items()},
             }])
-            bar.update(1)
+            bar.advance()

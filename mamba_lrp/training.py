@@ -4,7 +4,7 @@ It lives in ``mamba_lrp`` (not ``ssm_models``) because it depends on the tasks, 
 part of what users touch (ARCHITECTURE.md: ``ssm_models`` knows nothing above it).
 
 * **Model**: anything with ``forward(input_ids, attention_mask=...) -> logits (B, L, V)``;
-  :func:`build_model` makes a fresh one for a task (``arch="mamba"``).
+  :func:`build_model` makes a fresh one for a task (``arch`` from the :data:`ARCHITECTURES` registry).
 * **Objective** ``"last"`` (default): cross-entropy of the logits at the last position (over the
   whole vocabulary) against the label token: the LM is a classifier by its next-token prediction.
   ``"next_token"``: the label is appended and every real next token is predicted (padding
@@ -13,8 +13,8 @@ part of what users touch (ARCHITECTURE.md: ``ssm_models`` knows nothing above it
   seed)``), left-padded with an ``attention_mask`` (our ``MambaLM`` treats padding exactly: each
   real position gets the logits it gets unpadded; no mask is passed when a batch needs no padding).
 * **Optimiser**: AdamW (no weight decay on biases, norms, ``A_log``, ``D``), linear warmup then
-  cosine decay to ``min_lr_ratio * lr``, gradient-norm clipping, a tqdm progress bar (tqdm comes
-  with ``transformers``; ``rich`` is not a dependency of this package).
+  cosine decay to ``min_lr_ratio * lr``, gradient-norm clipping, a ``rich`` progress bar
+  (:mod:`mamba_lrp.progress`) with the running loss and accuracy.
 * **Determinism**: ``torch.manual_seed(seed)`` before building and training, the task's stream
   seeded by ``seed``; with the same thread count the run repeats bit for bit on one machine.
 * **Checkpoint** (:func:`save_checkpoint`): ``save_pretrained`` (``config.json`` +
@@ -36,10 +36,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba_lrp.progress import progress_bar
 from mamba_lrp.tasks import Example, Task, collate
 
 OBJECTIVES = ("last", "next_token")
-ARCHITECTURES = ("mamba",)
+#: The architectures :func:`build_model` (and ``mamba-lrp train --arch``) can build: name ->
+#: (config class, model class) exported by ``ssm_models``. A name is offered only when
+#: ``ssm_models`` has both classes (:func:`architecture_names`); adding an architecture is one line.
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "mamba": ("MambaConfig", "MambaLM"),
+    "h3": ("H3Config", "H3LM"),
+    "bmojo": ("BMojoConfig", "BMojoLM"),
+}
+#: Model size of :func:`build_model` unless given (every architecture's config has these fields).
+DEFAULT_MODEL_SIZE = {"d_model": 64, "n_layer": 2}
 
 
 @dataclass
@@ -90,19 +100,34 @@ class TrainingResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def architecture_names() -> list[str]:
+    """The names of :data:`ARCHITECTURES` whose classes ``ssm_models`` has, in registry order."""
+    import ssm_models
+
+    return [name for name, classes in ARCHITECTURES.items()
+            if all(hasattr(ssm_models, class_name) for class_name in classes)]
+
+
 def build_model(task: Task, arch: str = "mamba", seed: int = 0, **config: Any) -> nn.Module:
     """A fresh ``arch`` LM sized for ``task``'s vocabulary, initialised under ``torch.manual_seed(seed)``.
 
-    ``config``: fields of the architecture's config (for ``mamba``: :class:`ssm_models.MambaConfig`,
-    default ``d_model=64, n_layer=2``).
+    ``arch``: one of :func:`architecture_names`. ``config``: fields of the architecture's config
+    (e.g. :class:`ssm_models.MambaConfig`); ``d_model`` and ``n_layer`` default to
+    :data:`DEFAULT_MODEL_SIZE`, ``vocab_size`` is the task's. A bad field is a ``ValueError``.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"`arch` must be one of {ARCHITECTURES}, got {arch!r}")
-    from ssm_models import MambaConfig, MambaLM
+    known = architecture_names()
+    if arch not in known:
+        raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(known)}")
+    import ssm_models
 
-    settings = {"d_model": 64, "n_layer": 2, **config, "vocab_size": task.vocab_size}
+    config_name, model_name = ARCHITECTURES[arch]
+    settings = {**DEFAULT_MODEL_SIZE, **config, "vocab_size": task.vocab_size}
+    try:
+        model_config = getattr(ssm_models, config_name)(**settings)
+    except TypeError as error:
+        raise ValueError(f"{config_name}: bad settings {sorted(settings)} ({error})") from None
     torch.manual_seed(seed)
-    return MambaLM(MambaConfig(**settings))
+    return getattr(ssm_models, model_name)(model_config)
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -182,8 +207,6 @@ def train(model: nn.Module, task: Task, config: TrainingConfig | None = None, *,
           output_dir: str | Path | None = None, arch: str = "mamba") -> TrainingResult:
     """Train ``model`` on ``task`` with ``config``; evaluate on the test split; save to ``output_dir``
     (with :func:`save_checkpoint`) when given. Returns a :class:`TrainingResult`."""
-    from tqdm.auto import tqdm
-
     config = config or TrainingConfig()
     torch.manual_seed(config.seed)
     pad_id = task.token_to_id()["[PAD]"]
@@ -194,27 +217,27 @@ def train(model: nn.Module, task: Task, config: TrainingConfig | None = None, *,
     losses: list[float] = []
     history: list[dict[str, float]] = []
     window_loss, window_correct, window_count = 0.0, 0, 0
-    bar = tqdm(range(config.steps), desc=f"train {task.name}", disable=not progress, mininterval=1.0)
-    for step in bar:
-        examples = [next(stream) for _ in range(config.batch_size)]
-        loss, hits = batch_loss(model, examples, config.objective, pad_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        window_loss += loss.item()
-        window_correct += int(hits.sum())
-        window_count += 1
-        if window_count == config.log_every or step == config.steps - 1:
-            mean_loss = window_loss / window_count
-            accuracy = window_correct / (window_count * config.batch_size)
-            losses.append(mean_loss)
-            history.append({"step": step + 1, "loss": mean_loss, "train_accuracy": accuracy})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.3f}")
-            window_loss, window_correct, window_count = 0.0, 0, 0
-    bar.close()
+    with progress_bar(config.steps, f"train {task.name}", enabled=progress) as bar:
+        for step in range(config.steps):
+            examples = [next(stream) for _ in range(config.batch_size)]
+            loss, hits = batch_loss(model, examples, config.objective, pad_id)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            window_loss += loss.item()
+            window_correct += int(hits.sum())
+            window_count += 1
+            if window_count == config.log_every or step == config.steps - 1:
+                mean_loss = window_loss / window_count
+                accuracy = window_correct / (window_count * config.batch_size)
+                losses.append(mean_loss)
+                history.append({"step": step + 1, "loss": mean_loss, "train_accuracy": accuracy})
+                bar.status(f"loss {mean_loss:.4f}, accuracy {accuracy:.3f}")
+                window_loss, window_correct, window_count = 0.0, 0, 0
+            bar.advance()
     model.eval()
     test = task.examples("test", config.test_examples, seed=config.seed)
     accuracy = evaluate_accuracy(model, test, config.eval_batch_size, pad_id)
