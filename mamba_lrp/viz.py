@@ -6,15 +6,18 @@
   values are HTML-escaped. Colours are quantised into ``2 * LEVELS + 1`` classes whose CSS is
   written once per fragment, so a token costs about 30 bytes plus its text and 10,000 tokens render
   in milliseconds. A relevance-vs-position strip (inline SVG polyline) sits above each row for
-  orientation in long inputs. Fragments are self-contained (inline CSS, no external fetches).
+  orientation in long inputs. Ground-truth tokens (``evidence=``) are underlined. Fragments are
+  self-contained (inline CSS, no external fetches).
 * Terminal (:func:`terminal_heatmap`, :func:`print_heatmap`): ``rich`` background colours when
   ``rich`` is importable and the output is a terminal, else plain text with values.
 * matplotlib (:func:`plot_heatmap`, :func:`plot_flip_curves`, :func:`plot_conservation`,
-  :func:`plot_distance`, :func:`plot_layer_sums`; :func:`save` by suffix): figures are built with
-  ``matplotlib.figure.Figure`` (Agg canvas), never through ``pyplot``, so no global state or GUI
-  backend is touched.
+  :func:`plot_distance`, :func:`plot_layer_sums`; :func:`save` by suffix, :func:`figure_png` as
+  bytes): figures are built with ``matplotlib.figure.Figure`` (Agg canvas), never through
+  ``pyplot``, so no global state or GUI backend is touched.
 
-Subword markers are cleaned for display: ``Ġ`` and ``▁`` become a space, ``Ċ`` a newline.
+Subword markers are cleaned for display: ``Ġ`` and ``▁`` become a space, ``Ċ`` a newline. Tokens
+of a vocabulary without such markers (no token starts with whitespace: a word-level tokenizer) are
+separated by a space in HTML.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import io
 import os
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +111,7 @@ def _as_named(explanations: Mapping[str, Explanation] | Sequence[Explanation] | 
 _CSS = (".mlrp{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.7}"
         ".mlrp .row{white-space:pre-wrap;word-break:break-word;margin:2px 0 10px}"
         ".mlrp .row span{border-radius:2px}"
+        ".mlrp .row span.gt{text-decoration:underline 2px;text-underline-offset:3px}"
         ".mlrp .lab{font-weight:bold;font-family:sans-serif;font-size:12px;color:#333}"
         ".mlrp svg{display:block;width:100%;height:28px;background:#fafafa}")
 
@@ -142,17 +146,25 @@ def _strip_svg(relevance: Sequence[float], scale: float, points: int = 400) -> s
             f'points="{" ".join(coordinates)}"/></svg>')
 
 
-def _html_row(tokens: Sequence[str], relevance: Sequence[float], scale: float) -> str:
+def _html_row(tokens: Sequence[str], relevance: Sequence[float], scale: float,
+              evidence: Collection[int] = ()) -> str:
     parts = []
-    for token, value in zip(tokens, relevance, strict=True):
+    for index, (token, value) in enumerate(zip(tokens, relevance, strict=True)):
         text = html.escape(token, quote=False)
         tip = html.escape(f"{value:.3g}", quote=True)
         level = _level(value, scale)
-        if level:
-            parts.append(f'<span class={_level_class(level)} title="{tip}">{text}</span>')
+        classes = ([_level_class(level)] if level else []) + (["gt"] if index in evidence else [])
+        if len(classes) > 1:
+            parts.append(f'<span class="{" ".join(classes)}" title="{tip} (ground truth)">{text}</span>')
+        elif classes == ["gt"]:
+            parts.append(f'<span class=gt title="{tip} (ground truth)">{text}</span>')
+        elif classes:
+            parts.append(f'<span class={classes[0]} title="{tip}">{text}</span>')
         else:
             parts.append(f'<span title="{tip}">{text}</span>')
-    return '<div class="row">' + "".join(parts) + "</div>"
+    # word-level vocabularies carry no space markers: separate their tokens by a space
+    separator = "" if any(token[:1].isspace() for token in tokens) else " "
+    return '<div class="row">' + separator.join(parts) + "</div>"
 
 
 def _label(name: str, explanation: Explanation | None, scale: float) -> str:
@@ -168,12 +180,15 @@ def html_comparison(
     explanations: Mapping[str, Explanation] | Sequence[Explanation] | Explanation,
     normalize: str = "shared",
     strip: bool = True,
+    evidence: Collection[int] = (),
 ) -> str:
     """Several explanations (methods) of the same input, one row each, as one HTML fragment.
 
     ``normalize="shared"`` colours every row on one scale (the largest ``|R|`` of all rows), so
     colours compare across rows; ``"row"`` scales each row by its own ``max |R|``. A batched
-    explanation gives one row per sequence. ``strip`` adds the relevance-vs-position strip."""
+    explanation gives one row per sequence. ``strip`` adds the relevance-vs-position strip.
+    ``evidence``: positions of ground-truth tokens (indices into the shown tokens, padding
+    dropped), underlined in every row."""
     if normalize not in ("shared", "row"):
         raise ValueError(f"normalize must be 'shared' or 'row', got {normalize!r}")
     named = _as_named(explanations)
@@ -190,7 +205,7 @@ def html_comparison(
         parts.append(_label(label, explanation, scale))
         if strip:
             parts.append(_strip_svg(relevance, scale))
-        parts.append(_html_row(tokens, relevance, scale))
+        parts.append(_html_row(tokens, relevance, scale, set(evidence)))
     parts.append("</div>")
     return "".join(parts)
 
@@ -201,10 +216,13 @@ def html_heatmap(explanation: Explanation, strip: bool = True) -> str:
     return html_comparison({explanation.method: explanation}, normalize="row", strip=strip)
 
 
-def html_document(body: str, title: str = "mamba-lrp explanation") -> str:
-    """A complete, self-contained HTML page around ``body`` (a fragment from this module)."""
+def html_document(body: str, title: str = "mamba-lrp explanation", style: str = "") -> str:
+    """A complete, self-contained HTML page around ``body`` (a fragment from this module), with
+    ``style`` (CSS rules) in its head."""
+    head_style = f"<style>{style}</style>" if style else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title></head><body>\n{body}\n</body></html>\n")
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title>{head_style}</head><body>\n{body}\n</body></html>\n")
 
 
 def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
@@ -315,6 +333,13 @@ def save(figure: Figure, path: str | Path, dpi: int = 150) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, format=target.suffix.lower()[1:], dpi=dpi)
     return target
+
+
+def figure_png(figure: Figure, dpi: int = 100) -> bytes:
+    """``figure`` as PNG bytes (for data URIs in reports, or ``IPython.display.Image``)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def plot_heatmap(explanations: Mapping[str, Explanation] | Sequence[Explanation] | Explanation,
@@ -452,7 +477,7 @@ def plot_layer_sums(explanations: Mapping[str, Explanation | Sequence[Explanatio
 
 
 __all__ = [
-    "LEVELS", "clean_token", "html_comparison", "html_document", "html_heatmap", "plot_conservation",
+    "LEVELS", "clean_token", "figure_png", "html_comparison", "html_document", "html_heatmap", "plot_conservation",
     "plot_distance", "plot_flip_curves", "plot_heatmap", "plot_layer_sums", "print_heatmap", "relevance_color",
     "save", "show", "terminal_heatmap", "write_text_atomic",
 ]
