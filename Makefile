@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# --force: a second `make demo` replaces demo_out/report.html (the CLI alone refuses to)
 demo: $(STAMP)
-	$(VENV)/bin/mamba-lrp demo
+	$(VENV)/bin/mamba-lrp demo --force
 
 test: $(STAMP)
 	$(PYTHON) -m pytest
