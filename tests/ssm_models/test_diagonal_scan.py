@@ -210,6 +210,21 @@ def test_chaining_equals_one_scan(backend: str) -> None:
         assert relative_error(grad, grad_full) <= 1e-12, name
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_gradient_from_last_state_only(backend: str) -> None:
+    """A loss on the last state alone (no cotangent for y): d last_state seeds the adjoint at L - 1."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x = make_inputs(batch=1, channels=2, modes=3, length=21, seed=8)
+    grads = []
+    for name in ("reference", backend):
+        leaves = [x[n].clone().requires_grad_() for n in NAMES]
+        _, last = diagonal_scan(*leaves, return_last_state=True, backend=name)
+        grads.append(torch.autograd.grad((last * last).sum(), [leaves[0], leaves[1], leaves[4]]))
+    for grad, grad_ref in zip(grads[1], grads[0], strict=True):
+        assert relative_error(grad, grad_ref) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_steps_equal_scan(dtype: torch.dtype) -> None:
     x = make_inputs(length=15, dtype=dtype, seed=7)
