@@ -15,12 +15,21 @@ im, so LLVM vectorises the update and the sum over modes; fast-math ``reassoc``/
 Memory: the forward keeps one state (M,) per work item. When ``da`` or ``dc`` will be needed (``A`` or
 ``C`` requires grad and grad mode is on) it also stores the state at every chunk start,
 (batch, H, ceil(L / T), 2, M) with T = :data:`CHUNK_LEN`; the backward walks the chunks in reverse,
-recomputes one chunk's states from its checkpoint into a per-thread (T + 1, M) scratch, and runs the
-adjoint through it. Without ``da``/``dc`` (the LRP case: only ``du``, maybe ``dD``/``d initial_state``)
-the backward is a single reverse pass that touches no state at all. ``dD`` is a torch sum. The
-per-(b, h) partial sums of ``da``/``dc`` (accumulated per chunk in the compute dtype, then in float64)
-are written to (batch, H, M, 2) buffers and summed over the batch in torch, so no two threads write the
-same element.
+recomputes one chunk's states from its checkpoint into a per-thread (T + 1, M) scratch (re and im), and
+runs the adjoint through it, kept in a second such scratch. Without ``da``/``dc`` (the LRP case: only
+``du``, maybe ``dD``/``d initial_state``) the backward is a single reverse pass that touches no state at
+all. ``dD`` is a torch sum. The per-(b, h) partial sums of ``da``/``dc`` (accumulated per chunk in the
+compute dtype, then in float64) are written to (batch, H, M, 2) buffers and summed over the batch in
+torch, so no two threads write the same element.
+
+Speed notes (measured on a 2-core AVX-512 machine, float32, M = 32): the forward takes about 0.2 ns
+per complex mode-step per core, the ``du``-only backward about the same, the full backward about six
+times that. LLVM vectorises a loop over modes only while it writes few
+arrays (with six, as in a first version of the backward, it fell back to scalar code, 2x slower); each
+loop here writes at most four. A chunk of 64 keeps both scratches in L1/L2. Each (b, h) item is a
+separate non-parallel function called from a small ``prange`` loop: that cut numba's compile time
+to about a third (the kernels are cached on disk, ``cache=True``). Below :data:`_PARALLEL_MIN_WORK`
+mode-steps the kernels run on one thread.
 """
 
 from __future__ import annotations
