@@ -264,9 +264,9 @@ class ShiftSSMKernel(nn.Module):
     def taps(self) -> torch.Tensor:
         """The FIR taps (H, N): ``K_j = sum_m B_m C_{m+j}`` (``C`` zero beyond N); ``C`` if ``B = e_0``."""
         B, C = self.B, self.C[0]
-        n = B.shape[-1]
-        windows = F.pad(C, (0, n)).unfold(-1, n, 1)[:, :n]  # (H, N, N): windows[h, j, m] = C[h, j + m]
-        return torch.einsum("hm,hjm->hj", B, windows)
+        channels, n = B.shape
+        # a depthwise cross-correlation of the zero-padded C (1, H, 2N) with B (H, 1, N): out[h, j] = sum_m B C_{j+m}
+        return F.conv1d(F.pad(C, (0, n))[None], B[:, None, :], groups=channels)[0, :, :n]
 
 
 class ShiftSSM(nn.Module):
