@@ -74,13 +74,15 @@ Variants and special cases
 ``variant="bmojo"`` (full B'MOJO) or ``"bmojo_f"`` (B'MOJO-F: fading memory and window, no eidetic
 selection; the same as ``eidetic_budget=0``). ``use_attention=False`` is exactly Mamba;
 ``use_ssm=False`` with ``window >= L`` is exactly a causal transformer without positions (one
-chunk, the window covers all of it); Mamba/attention hybrids in between.
+chunk, the window covers all of it). The switches are per model, not per layer: a model that
+alternates Mamba-only and attention-only layers is not expressible with this config.
 
 Padding
 -------
 ``attention_mask`` (B, L) of 0/1. Chunk boundaries are counted from each row's first real token, so
 the attention sub-layer shifts (rolls) each row's real tokens to the start, runs, and shifts back;
-the real tokens of a row must be contiguous (left or right padding), otherwise ``ValueError``.
+the real tokens of a row must be contiguous (left or right padding), otherwise ``ValueError``
+(a model with ``use_attention=False`` is Mamba and accepts any mask).
 Padded keys are masked; a padded query attends to itself only (its output is never read). The
 SSM handles padding as in Mamba. Every real position gets the logits it gets without the padding.
 
@@ -266,7 +268,8 @@ def innovation_scores(inputs: torch.Tensor, readout: torch.Tensor, offsets: torc
     score is 1 (nothing predicts the first token). Computed in float32 (float64 for float64 inputs)."""
     compute = torch.promote_types(inputs.dtype, torch.float32)
     cosine = F.cosine_similarity(inputs[:, 1:].to(compute), readout[:, :-1].to(compute), dim=-1)
-    scores = torch.cat([torch.ones_like(cosine[:, :1]), 1 - cosine], dim=1)
+    first = torch.ones(inputs.shape[0], 1, dtype=cosine.dtype, device=cosine.device)
+    scores = torch.cat([first, 1 - cosine.view(inputs.shape[0], -1)], dim=1)
     scores[torch.arange(scores.shape[0], device=scores.device), offsets] = 1.0
     return scores
 

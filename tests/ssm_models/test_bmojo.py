@@ -196,6 +196,19 @@ def test_chunked_attention_equals_the_dense_reference(fields: dict) -> None:
     assert torch.equal(inspection.logits, logits)
 
 
+@pytest.mark.parametrize("length", [1, 2, 5, 11])
+@pytest.mark.parametrize("fields", [dict(window=1, eidetic_per_chunk=0), dict(window=2, eidetic_per_chunk=1),
+                                    dict(use_ssm=False, window=3, eidetic_budget=3)])
+def test_short_sequences_and_tiny_windows_equal_the_dense_reference(fields: dict, length: int) -> None:
+    model = bmojo(14, **fields)
+    ids = random_ids(14, 1, length)
+    with torch.no_grad():
+        expected, _ = reference_logits(model, ids[0])
+        assert relative_error(model(ids)[0], expected) <= 1e-10
+        ids_out, step_logits = model.generate(ids, max_new_tokens=2, return_logits=True)
+        assert relative_error(step_logits, model(ids_out[:, :-1])[:, length - 1:]) <= 1e-12
+
+
 def test_selected_positions_are_the_top_k_innovations_of_each_chunk() -> None:
     model = bmojo(5, window=8, eidetic_per_chunk=3)
     inspection = model.inspect(random_ids(5, 2, 60))
