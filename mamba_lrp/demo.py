@@ -78,7 +78,8 @@ def _run(out: Path, examples_per_task: int, eval_examples: int, force: bool, pro
     start = time.perf_counter()
     sections = []
     for name in shipped_models():
-        model, tokenizer, info = load_default_model(name.split("-", 1)[1].replace("-", "_"))
+        arch, task_name = name.split("-", 1)
+        model, tokenizer, info = load_default_model(task_name, arch)
         task = task_from_info(info)
         print(f"\n=== {name}: task {task.name}, recorded test accuracy {info.get('test_accuracy')}")
         data = task_dataset(task, "test", max(eval_examples, examples_per_task), seed=1)
