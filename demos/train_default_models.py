@@ -3,7 +3,8 @@
     python demos/train_default_models.py                  # all of them, into mamba_lrp/models/
     python demos/train_default_models.py --only mamba-flip-flop --out /tmp/models
 
-Each model is a 2-layer Mamba (``d_model`` 64 unless stated) trained by
+Each model is a 2-layer Mamba, H3 or B'MOJO (``d_model`` 64; B'MOJO with chunks of 8 tokens so that
+its memory and eidetic tokens are used on these short inputs) trained by
 :func:`mamba_lrp.training.train` on a built-in task, and saved with its tokenizer and ``task.json``
 (task, options, seed, test accuracy on 2000 test examples). The same seed and thread count give the
 same weights on the same machine.
@@ -24,12 +25,17 @@ import torch
 from mamba_lrp.tasks import MODELS_DIR, get_task
 from mamba_lrp.training import TrainingConfig, build_model, train
 
-#: name -> (task, task options, model config, training settings)
+#: name -> (task, task options, model config, training settings); the architecture is the name's prefix.
 DEFAULT_MODELS: dict[str, tuple[str, dict, dict, dict]] = {
     "mamba-sentiment": ("sentiment", {}, {"d_model": 64, "n_layer": 2}, {"steps": 800}),
     "mamba-flip-flop": ("flip_flop", {}, {"d_model": 64, "n_layer": 2}, {"steps": 500}),
     "mamba-associative-recall": (
         "associative_recall", {}, {"d_model": 64, "n_layer": 2}, {"steps": 8000, "lr": 3e-3},
+    ),
+    "h3-sentiment": ("sentiment", {}, {"d_model": 64, "n_layer": 2}, {"steps": 2000, "lr": 1e-3}),
+    "bmojo-sentiment": ("sentiment", {}, {"d_model": 64, "n_layer": 2, "window": 8}, {"steps": 800}),
+    "bmojo-associative-recall": (
+        "associative_recall", {}, {"d_model": 64, "n_layer": 2, "window": 8}, {"steps": 3000, "lr": 3e-3},
     ),
 }
 
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         task_name, task_options, model_config, training = DEFAULT_MODELS[name]
         task = get_task(task_name, **task_options)
         config = TrainingConfig(seed=args.seed, test_examples=2000, **training)
-        model = build_model(task, arch="mamba", seed=args.seed, **model_config)
+        model = build_model(task, arch=name.split("-", 1)[0], seed=args.seed, **model_config)
         start = time.perf_counter()
         result = train(model, task, config, progress=not args.no_progress, output_dir=args.out / name)
         seconds = time.perf_counter() - start

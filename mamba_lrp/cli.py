@@ -282,7 +282,7 @@ def _train(arguments: argparse.Namespace) -> int:
                             log_every=max(1, min(50, arguments.steps)))
     model = build_model(task, arguments.arch, seed=arguments.seed, d_model=arguments.d_model,
                         n_layer=arguments.n_layer)
-    result = train(model, task, config, output_dir=out, arch=arguments.arch)
+    result = train(model, task, config, output_dir=out)
     print(f"test accuracy {result.test_accuracy:.3f} on {result.test_examples} test examples "
           f"(final training loss {result.losses[-1]:.4f})")
     print(out)

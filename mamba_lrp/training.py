@@ -204,7 +204,7 @@ def lr_factor(step: int, config: TrainingConfig) -> float:
 
 
 def train(model: nn.Module, task: Task, config: TrainingConfig | None = None, *, progress: bool = True,
-          output_dir: str | Path | None = None, arch: str = "mamba") -> TrainingResult:
+          output_dir: str | Path | None = None) -> TrainingResult:
     """Train ``model`` on ``task`` with ``config``; evaluate on the test split; save to ``output_dir``
     (with :func:`save_checkpoint`) when given. Returns a :class:`TrainingResult`."""
     config = config or TrainingConfig()
@@ -244,20 +244,20 @@ def train(model: nn.Module, task: Task, config: TrainingConfig | None = None, *,
     result = TrainingResult(model=model, losses=losses, test_accuracy=accuracy, test_examples=len(test),
                             config=config, history=history)
     if output_dir is not None:
-        save_checkpoint(model, task, output_dir, result, arch=arch)
+        save_checkpoint(model, task, output_dir, result)
     return result
 
 
-def save_checkpoint(model: nn.Module, task: Task, directory: str | Path, result: TrainingResult,
-                    arch: str = "mamba") -> Path:
-    """Write ``model.save_pretrained(directory)``, the task's tokenizer and ``task.json``."""
+def save_checkpoint(model: nn.Module, task: Task, directory: str | Path, result: TrainingResult) -> Path:
+    """Write ``model.save_pretrained(directory)``, the task's tokenizer and ``task.json`` (whose
+    ``arch`` is the model's ``config.architecture``)."""
     directory = Path(directory)
     model.save_pretrained(directory)
     task.save_tokenizer(directory)
     info = {
         "task": task.name,
         "task_options": task.options(),
-        "arch": arch,
+        "arch": model.config.architecture,
         "seed": result.config.seed,
         "test_accuracy": result.test_accuracy,
         "test_examples": result.test_examples,
