@@ -354,7 +354,8 @@ class ChunkedAttention(nn.Module):
         (needed when the config selects eidetic tokens or ``record``); ``padding_mask`` (B, L) bool.
 
         Returns the sub-layer output (B, L, d_model) and, with ``record``, a dict of introspection
-        tensors in original coordinates (see :class:`BMojoInspection`), else None."""
+        tensors in original coordinates (see :class:`BMojoInspection`; also the per-query
+        ``probabilities`` and ``key_positions`` of :meth:`attention_map`), else None."""
         config, window, heads = self.config, self.config.window, self.config.n_head
         batch, length, d_model = normed.shape
         device = normed.device
@@ -408,12 +409,32 @@ class ChunkedAttention(nn.Module):
             def original(position: torch.Tensor) -> torch.Tensor:
                 return torch.where(position >= 0, position + offsets.view(-1, 1, 1), -1)
 
+            # per query (original coordinates): head-mean probabilities and the positions of its keys
+            query_real = real[..., None]  # (B, padded, 1)
+            per_query = (probabilities.view(batch, padded, n_keys) * query_real)[:, :length]
+            query_keys = torch.where(mask, positions[:, :, None, :], -1).view(batch, padded, n_keys)
+            query_keys = original(torch.where(query_real, query_keys, -1))[:, :length]
+            if shifted:
+                per_query, query_keys = roll_rows(per_query, -offsets), roll_rows(query_keys, -offsets)
             return output, {
                 "selected": original(selected),
                 "memory": original(key_positions[..., 2 * window: 2 * window + n_memory]),
                 "eidetic": original(key_positions[..., 2 * window + n_memory:]),
                 "attention_mass": roll_rows(mass, -offsets) if shifted else mass,
+                "probabilities": per_query,
+                "key_positions": query_keys,
             }
+
+    @torch.no_grad()
+    def attention_map(self, normed: torch.Tensor, scores: torch.Tensor | None,
+                      padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention of :meth:`forward` (same arguments) as ``(probabilities, key_positions)``, each
+        (B, L, n_keys), without gradient: query ``t`` (input coordinates) puts the head-mean probability
+        ``probabilities[b, t, s]`` on position ``key_positions[b, t, s]`` (-1 and probability 0 for a
+        masked slot); padded queries have no keys. It is the record path of :meth:`forward`, so the
+        masking is the forward's."""
+        _, details = self.forward(normed, scores, padding_mask, record=True)
+        return details["probabilities"], details["key_positions"]
 
 
 class GeluMLP(nn.Module):

@@ -444,6 +444,27 @@ class H3Mixer(nn.Module):
         out = self._contract_q(y, q)  # (B, d_model, L)
         return self.output_linear(out.transpose(1, 2).to(self.output_linear.weight.dtype))
 
+    @torch.no_grad()
+    def attention_factors(
+        self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of this layer's hidden attention (``mamba_lrp.hidden_attention``), without
+        gradient: ``q`` and ``k~ = m * (SSM_shift(m * k) + ssm_k_D * m * k)``, each (B, d_model, L) in the
+        compute dtype, ``m`` the padding mask (1 without one). Unrolled, the forward is, per head ``h``
+        and value channel ``j`` (``<., .>_h`` the sum over the head's ``head_dim`` channels)::
+
+            o_{j*H+h, t} = sum_{s <= t} K_h(t - s) <q_t, k~_s>_h v_{h*hd+j, s} + D_h <q_t, k~_t>_h v_{h*hd+j, t}
+
+        with ``K_h`` the diagonal SSM's kernel. Same ops as :meth:`forward`."""
+        compute = scan_compute_dtype(hidden.dtype)
+        q = self.q_proj(hidden).transpose(1, 2).to(compute)
+        k = self.k_proj(hidden).transpose(1, 2).to(compute)
+        mask = None if padding_mask is None else padding_mask[:, None, :].to(compute)
+        if mask is not None:
+            k = k * mask
+        k = self.ssm_k_kernel(k, self.ssm_k_D)
+        return q, k if mask is None else k * mask
+
     def step(self, hidden: torch.Tensor, cache: H3Cache, layer_idx: int) -> torch.Tensor:
         """One decoding step: ``hidden`` (B, d_model) -> (B, d_model), updating ``cache`` in place."""
         batch = hidden.shape[0]
@@ -491,13 +512,12 @@ class H3Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cache: H3Cache | None = None,
-        layer_idx: int = 0,
-        padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _masked_qkv(
+        self, hidden: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q, k, v, mask, positions, key_mask)`` of the forward on ``hidden`` (B, L, d_model): q, k
+        (rotated) and v (B, n_head, L, head size); ``mask`` bool (1 or B, 1, L, L), causal, padded keys
+        masked, a padded query attending to itself only; rotary ``positions`` (B, L); ``key_mask`` (B, L)."""
         batch, length, _ = hidden.shape
         q, k, v = self._qkv(hidden)
         device = hidden.device
@@ -512,6 +532,24 @@ class H3Attention(nn.Module):
             mask = ((causal & padding_mask[:, None, :]) | eye)[:, None]  # padded queries see themselves only
             key_mask = padding_mask
         q, k = rotate(q, positions, self.rotary_dim), rotate(k, positions, self.rotary_dim)
+        return q, k, v, mask, positions, key_mask
+
+    @torch.no_grad()
+    def attention_probabilities(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention probabilities (B, n_head, L, L) of :meth:`forward` on ``hidden`` (B, L, d_model),
+        without gradient: row ``t`` over keys ``s``, exactly 0 where masked (the same mask)."""
+        q, k, _, mask, _, _ = self._masked_qkv(hidden, padding_mask)
+        return self.attention.probabilities(q, k, mask)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: H3Cache | None = None,
+        layer_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        q, k, v, mask, positions, key_mask = self._masked_qkv(hidden, padding_mask)
         if cache is not None:
             cache.keys[layer_idx], cache.values[layer_idx] = k.detach(), v.detach()
             cache.key_masks[layer_idx] = key_mask.clone()
