@@ -84,7 +84,8 @@ def dense_attention(block, a: torch.Tensor, allowed: torch.Tensor, n_head: int) 
 
 
 def reference_bmojo_layer(block, config: BMojoConfig, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """One B'MOJO layer on one row ``x`` (L, D), with the attention written densely from the rules:
+    """One B'MOJO layer on one row ``x`` (L, D), with the attention written densely from the rules
+    (its record holds the head-mean probabilities (L, L) under ``probabilities``):
     window = s <= t in chunks c-1 and c; memory = ends of the n_memory most recent chunks j <= c-2;
     eidetic = the first `budget` of the per-chunk top-k selections of chunks c-2, c-3, ..."""
     length, w, eps = x.shape[0], config.window, config.norm_eps
@@ -121,7 +122,8 @@ def reference_bmojo_layer(block, config: BMojoConfig, x: torch.Tensor) -> tuple[
     if config.mlp_expand:
         h = h + gelu_mlp(block, h, eps)
     mass = torch.stack([(probabilities * (source == index)).sum(-1) for index in range(3)], dim=-1)
-    return h, {"scores": torch.tensor(scores, dtype=x.dtype), "selected": selected, "mass": mass}
+    return h, {"scores": torch.tensor(scores, dtype=x.dtype), "selected": selected, "mass": mass,
+               "probabilities": probabilities}
 
 
 def reference_logits(model: BMojoLM, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
