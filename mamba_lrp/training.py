@@ -12,7 +12,9 @@ part of what users touch (ARCHITECTURE.md: ``ssm_models`` knows nothing above it
 * **Data**: a fresh batch from the task's ``train`` stream at every step (``stream("train",
   seed)``), left-padded with an ``attention_mask`` (our ``MambaLM`` treats padding exactly: each
   real position gets the logits it gets unpadded; no mask is passed when a batch needs no padding).
-* **Optimiser**: AdamW (no weight decay on biases, norms, ``A_log``, ``D``), linear warmup then
+* **Optimiser**: AdamW (no weight decay on biases, norms, ``A_log``, ``D``, H3's SSM kernel
+  parameters ``*.kernel.*`` (as S4/H3 train them: decay would pull ``inv_A_real`` and the
+  discretisation towards values that forget faster)), linear warmup then
   cosine decay to ``min_lr_ratio * lr``, gradient-norm clipping, a ``rich`` progress bar
   (:mod:`mamba_lrp.progress`) with the running loss and accuracy.
 * **Determinism**: ``torch.manual_seed(seed)`` before building and training, the task's stream
@@ -186,7 +188,7 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
             continue
         seen.add(id(parameter))
         short = name.rsplit(".", 1)[-1]
-        if parameter.dim() < 2 or short in ("A_log", "D") or "norm" in name:
+        if parameter.dim() < 2 or short in ("A_log", "D") or "norm" in name or ".kernel." in name:
             no_decay.append(parameter)
         else:
             decay.append(parameter)

@@ -15,6 +15,7 @@ import datasets
 import pytest
 
 from mamba_lrp.cli import build_parser, main
+from mamba_lrp.tasks import shipped_models
 from mamba_lrp.training import architecture_names
 from tests.helpers import single_torch_thread
 
@@ -49,14 +50,15 @@ def test_demo_writes_the_report_and_refuses_to_overwrite_it(tmp_path: Path) -> N
     assert "mamba_lrp" in result.stdout and "delta_af" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == str(out / "report.html")
     results = json.loads((out / "results.json").read_text())
-    models = {"mamba-associative-recall", "mamba-flip-flop", "mamba-sentiment"}
+    models = set(shipped_models())
+    assert {"mamba-sentiment", "h3-sentiment", "bmojo-sentiment"} <= models
     assert {section["model"] for section in results["sections"]} == models
     for section in results["sections"]:
         assert set(section["methods"]) >= {"mamba_lrp", "integrated_gradients", "occlusion"}
         assert section["faithfulness"]["n_examples"] == 3 and len(section["examples"]) == 1
     assert {path.name for path in (out / "evaluation").iterdir()} == models
     page = (out / "report.html").read_text()
-    assert page.count('class="example"') == 3 and page.count("data:image/png;base64,") == 3
+    assert page.count('class="example"') == len(models) and page.count("data:image/png;base64,") == len(models)
     assert (out / "heatmap.png").read_bytes().startswith(b"\x89PNG")
     before = snapshot(out)
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)

@@ -236,16 +236,18 @@ SHIPPED = shipped_models()
 
 def test_models_are_shipped_and_small() -> None:
     assert {"mamba-sentiment", "mamba-associative-recall", "mamba-flip-flop"} <= set(SHIPPED)
+    assert {"h3-sentiment", "bmojo-sentiment", "bmojo-associative-recall"} <= set(SHIPPED)
     total = sum(path.stat().st_size for path in MODELS_DIR.rglob("*") if path.is_file())
     assert total <= 8 * 2**20
-    with pytest.raises(ValueError, match="shipped: mamba-"):
+    with pytest.raises(ValueError, match="shipped: .*mamba-sentiment"):
         load_default_model("needle", arch="h3")
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_reaches_its_recorded_accuracy(name: str) -> None:
-    task_name = json.loads((MODELS_DIR / name / "task.json").read_text())["task"]
-    model, tokenizer, info = load_default_model(task_name)
+    recorded = json.loads((MODELS_DIR / name / "task.json").read_text())
+    model, tokenizer, info = load_default_model(recorded["task"], recorded["arch"])
+    assert type(model).__name__.lower().startswith(recorded["arch"])
     task = task_from_info(info)
     assert len(tokenizer) == task.vocab_size
     fresh = task.examples("test", 300, seed=info["test_seed"] + 1)
