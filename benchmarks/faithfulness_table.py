@@ -3,7 +3,7 @@ method of the paper's Table 1 (REFERENCE.md section 2) on the shipped models, an
 one-rule-off ablation of MambaLRP.
 
     .venv/bin/python benchmarks/faithfulness_table.py [--examples 200] [--out benchmarks/results/faithfulness.md]
-        [--models mamba-sentiment mamba-associative-recall mamba-flip-flop] [--threads 1] [--batch-size 50]
+        [--models mamba-sentiment h3-sentiment bmojo-associative-recall ...] [--threads 1] [--batch-size 50]
 
 writes a Markdown file (default ``benchmarks/results/faithfulness.md``) with the exact command, the
 wall time and the machine.
@@ -46,9 +46,11 @@ What is measured, and why each choice (decided before looking at any number, and
 * **Methods**, each with the package's defaults: ``random`` (U[0,1) scores, seeded per batch),
   ``gradient_x_input`` (plain gradient x input), ``smoothgrad`` (25 samples, noise 15 % of the
   embedding scale, seeded per batch), ``integrated_gradients`` (50 steps, zero-embedding baseline),
-  ``attention_rollout`` and ``mamba_attr`` (G x AttnRoll) on Mamba's hidden attention,
+  ``attention_rollout`` and ``mamba_attr`` (G x AttnRoll) on the hidden attention of every mixing
+  layer (Mamba's selective SSM, H3's SSM layer, softmax attention; :mod:`mamba_lrp.hidden_attention`),
   ``lrp_ln_rule`` (gradient x input with the RMSNorm rule only) and ``mamba_lrp``; the ablations are
-  ``mamba_lrp`` with one rule removed. Explanations are computed in left-padded batches with an
+  ``mamba_lrp`` with one rule removed (on H3 there is no selective SSM, so ``mamba_lrp_no_ssm`` equals
+  ``mamba_lrp``, and ``_no_silu`` removes the GELU rule). Explanations are computed in left-padded batches with an
   attention mask (exact for our models: padded positions get relevance 0 and change nothing).
 
 Everything is seeded (torch, random; the tasks' generators are pure functions of their seed).
