@@ -235,9 +235,9 @@ def exact_conservation(model: torch.nn.Module, examples: list) -> dict[str, list
 def run_model(name: str, n_examples: int, batch_size: int, seed: int) -> ModelResult:
     from mamba_lrp.explain import explain
     from mamba_lrp.faithfulness import evaluate_example
-    from mamba_lrp.tasks import load_default_model, task_from_info
+    from mamba_lrp.tasks import load_shipped_model, task_from_info
 
-    model, tokenizer, info = load_default_model(name.split("-", 1)[1].replace("-", "_"))
+    model, tokenizer, info = load_shipped_model(name)
     task = task_from_info(info)
     examples = task.examples("test", n_examples, seed=int(info.get("test_seed", 0)))
     suffix = QUERY_SUFFIX[task.name]

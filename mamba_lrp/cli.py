@@ -109,7 +109,7 @@ def _demo(arguments: argparse.Namespace) -> int:
 def _load_model(name: str) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, tokenizer, task info)`` for a checkpoint directory, a shipped model name or a hub
     id; the task info is the checkpoint's ``task.json`` (written by ``mamba-lrp train``) or ``{}``."""
-    from mamba_lrp.tasks import load_default_model, shipped_models
+    from mamba_lrp.tasks import load_shipped_model, shipped_models
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -125,8 +125,7 @@ def _load_model(name: str) -> tuple[Any, Any, dict[str, Any]]:
         info = json.loads((path / "task.json").read_text()) if (path / "task.json").is_file() else {}
         return model, tokenizer, info
     if name in shipped_models():
-        arch, task = name.split("-", 1)
-        return load_default_model(task, arch)
+        return load_shipped_model(name)
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.parent.is_dir()
     if not looks_like_hub_id:
         raise ValueError(f"--model {name!r} is not a checkpoint directory, a hub id or a shipped model "

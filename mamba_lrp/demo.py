@@ -29,7 +29,7 @@ from mamba_lrp import viz
 from mamba_lrp.data import task_dataset
 from mamba_lrp.evaluation import summary_markdown
 from mamba_lrp.report import ReportSection, check_report, report_section, write_report
-from mamba_lrp.tasks import load_default_model, shipped_models, task_from_info
+from mamba_lrp.tasks import load_shipped_model, shipped_models, task_from_info
 
 DEMO_METHODS = ("mamba_lrp", "gradient_x_input", "integrated_gradients", "occlusion", "random")
 DEMO_METRICS = ("delta_af", "aopc")
@@ -78,8 +78,7 @@ def _run(out: Path, examples_per_task: int, eval_examples: int, force: bool, pro
     start = time.perf_counter()
     sections = []
     for name in shipped_models():
-        arch, task_name = name.split("-", 1)
-        model, tokenizer, info = load_default_model(task_name, arch)
+        model, tokenizer, info = load_shipped_model(name)
         task = task_from_info(info)
         print(f"\n=== {name}: task {task.name}, recorded test accuracy {info.get('test_accuracy')}")
         data = task_dataset(task, "test", max(eval_examples, examples_per_task), seed=1)

@@ -70,6 +70,15 @@ def shipped_models() -> list[str]:
     return sorted(path.name for path in MODELS_DIR.iterdir() if (path / "task.json").is_file())
 
 
+def load_shipped_model(name: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the shipped model named ``name`` (a directory name of :func:`shipped_models`, i.e.
+    ``"{arch}-{task}"`` such as ``"bmojo-associative-recall"``): ``(model, tokenizer, task_info)``."""
+    if name not in shipped_models():
+        raise ValueError(f"no shipped model {name!r}; shipped: {', '.join(shipped_models()) or 'none'}")
+    arch, task = name.split("-", 1)
+    return load_default_model(task, arch)
+
+
 def load_default_model(task: str, arch: str = "mamba") -> tuple[Any, Any, dict[str, Any]]:
     """Load the model shipped for ``task``: ``(model in eval mode, tokenizer, task_info)``.
 
@@ -106,5 +115,5 @@ def task_from_info(info: dict[str, Any]) -> Task:
 __all__ = [
     "MODELS_DIR", "SPLITS", "TASKS", "AssociativeRecallTask", "Example", "FlipFlopTask", "ICLRegressionTask",
     "NeedleTask", "SentimentTask", "Task", "build_tokenizer", "collate", "default_model_dir", "get_task",
-    "load_default_model", "shipped_models", "split_of", "task_from_info", "task_names",
+    "load_default_model", "load_shipped_model", "shipped_models", "split_of", "task_from_info", "task_names",
 ]

@@ -17,6 +17,7 @@ from mamba_lrp.tasks import (
     collate,
     get_task,
     load_default_model,
+    load_shipped_model,
     shipped_models,
     split_of,
     task_from_info,
@@ -280,3 +281,11 @@ def test_explain_shipped_associative_recall_model() -> None:
     single = explain(model, examples[0].text, tokenizer=tokenizer)
     assert single.tokens == list(examples[0].tokens)
 
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_load_shipped_model_by_name_gives_its_architecture(name: str) -> None:
+    model, _tokenizer, info = load_shipped_model(name)
+    assert model.config.architecture == info["arch"] == name.split("-", 1)[0]
+    with pytest.raises(ValueError, match="shipped: "):
+        load_shipped_model("transformer-sentiment")
