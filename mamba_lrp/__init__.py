@@ -14,7 +14,7 @@ from mamba_lrp.explain import explain
 from mamba_lrp.explanation import Explanation
 from mamba_lrp.faithfulness import METRICS, FlipCurve, evaluate_example, flip_curve
 from mamba_lrp.methods import method_names, register_method
-from mamba_lrp.tasks import get_task, load_default_model, task_names
+from mamba_lrp.tasks import get_task, load_default_model, load_shipped_model, task_names
 
 __all__ = [
     "METRICS",
@@ -27,6 +27,7 @@ __all__ = [
     "flip_curve",
     "get_task",
     "load_default_model",
+    "load_shipped_model",
     "method_names",
     "register_method",
     "task_names",
