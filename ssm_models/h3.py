@@ -132,6 +132,14 @@ class H3Config:
     flash-attn ``MHA``'s default; the released models use d_model / 64). ``discretization`` is the
     public ``disc`` (``"bilinear"`` or ``"zoh"``). ``d_inner`` is the MLP width (default 4 d_model).
     ``rotary_emb_dim`` > 0 applies rotary embeddings to that many dims of each attention head.
+
+    ``initializer_range`` is the std of the GPT-2-style init (:meth:`H3LM._init_weights`). The public
+    default 0.02 suits the released widths (d_model >= 768: q, k, v of std ``0.02 sqrt(d_model)``
+    ~ 0.55); for a small model use about ``1/sqrt(d_model)`` (0.125 at d_model 64). At d_model 64
+    with 0.02, q, k and v have std ~0.16, so the layer's cubic product ``q * SSM(SSM_shift(k) * v)``
+    starts at ~0.003 and its projections get under 1% of the gradient norm: a 2-layer model then
+    stays on the associative-recall plateau (31-33% after 8000 steps, also with an attention layer),
+    while 0.125 leaves it (demos/train_default_models.py, ``h3-associative-recall``).
     """
 
     d_model: int
@@ -657,7 +665,10 @@ class H3LM(SequenceLM):
     @torch.no_grad()
     def _init_weights(self) -> None:
         """GPT-2 style, as the public code: Linear and Embedding weights N(0, initializer_range),
-        biases 0; ``out_proj`` and ``fc2`` weights N(0, initializer_range / sqrt(2 n_layer))."""
+        biases 0; ``out_proj`` and ``fc2`` weights N(0, initializer_range / sqrt(2 n_layer)). (The
+        public rescaling matches parameter names ``out_proj.weight``/``fc2.weight`` only, so the H3
+        layer's ``output_linear`` keeps std ``initializer_range``, as here.) Choose
+        ``initializer_range`` for the width (:class:`H3Config`)."""
         config = self.config
         std = config.initializer_range
         for name, module in self.named_modules():
