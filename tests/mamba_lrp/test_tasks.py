@@ -237,7 +237,7 @@ SHIPPED = shipped_models()
 
 def test_models_are_shipped_and_small() -> None:
     assert {"mamba-sentiment", "mamba-associative-recall", "mamba-flip-flop"} <= set(SHIPPED)
-    assert {"h3-sentiment", "bmojo-sentiment", "bmojo-associative-recall"} <= set(SHIPPED)
+    assert {"h3-sentiment", "h3-associative-recall", "bmojo-sentiment", "bmojo-associative-recall"} <= set(SHIPPED)
     total = sum(path.stat().st_size for path in MODELS_DIR.rglob("*") if path.is_file())
     assert total <= 8 * 2**20
     with pytest.raises(ValueError, match="shipped: .*mamba-sentiment"):
