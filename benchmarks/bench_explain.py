@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ig-repeats", type=int, default=3)
     parser.add_argument("--ig-steps", type=int, default=50)
+    parser.add_argument("--ig-batch", type=int, default=10,
+                        help="Captum's internal_batch_size (24 layers at L=1024 need <= 2 in 23 GiB)")
     arguments = parser.parse_args()
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=arguments.d_model, n_layer=arguments.layers, vocab_size=50277)).eval()
@@ -52,7 +54,7 @@ def main() -> None:
     integrated = LayerIntegratedGradients(last_logit, model.backbone.embedding)
     ig_seconds = median_seconds(
         lambda: integrated.attribute(ids, baselines=torch.zeros_like(ids), n_steps=arguments.ig_steps,
-                                     internal_batch_size=10),
+                                     internal_batch_size=arguments.ig_batch),
         arguments.ig_repeats, warmup=0,
     )
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -26,7 +26,8 @@ RESULTS = HERE / "RESULTS.md"
 
 #: name -> (script and arguments, needs a GPU)
 ENTRIES: dict[str, tuple[list[str], bool]] = {
-    "explain-cost": (["bench_explain.py", "--layers", "24", "--length", "1024", "--repeats", "5"], False),
+    "explain-cost": (["bench_explain.py", "--layers", "24", "--length", "1024", "--repeats", "5", "--ig-batch", "2"],
+                     False),
     "vs-transformers": (["bench_explain_vs_transformers.py", "--layers", "2", "--length", "1024"], False),
     "forward-vs-transformers": (["bench_mamba_forward.py"], False),
     "memory": (["bench_explain_memory.py", "--recompute-only", "--lengths", "2048,4096,8192,16384,32768"], False),
