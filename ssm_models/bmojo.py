@@ -102,7 +102,7 @@ then gets Mamba's init); biases zero; other linear maps PyTorch's default.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -115,20 +115,14 @@ from ssm_models.mamba import MambaConfig, MambaLM, MambaMixer
 from ssm_models.primitives import Attention, RMSNorm
 
 VARIANTS = ("bmojo", "bmojo_f")
-#: Mamba's fields shared by :class:`BMojoConfig` (passed on to :class:`MambaConfig`).
-_MAMBA_FIELDS = (
-    "d_model", "n_layer", "vocab_size", "d_state", "expand", "d_conv", "dt_rank", "conv_bias", "bias", "norm_eps",
-    "pad_vocab_size_multiple", "tie_embeddings", "residual_in_fp32", "dt_min", "dt_max", "dt_init", "dt_scale",
-    "dt_init_floor", "initializer_range", "rescale_prenorm_residual",
-)
 #: Sources of the keys of each chunk, in slot order (``BMojoInspection.attention_mass`` axis -1).
 SOURCES = ("window", "memory", "eidetic")
 
 
 @dataclass
-class BMojoConfig:
-    """Hyper-parameters of a B'MOJO LM: Mamba's fields (see :class:`~ssm_models.mamba.MambaConfig`)
-    plus the attention's. Every field is validated (``ValueError`` naming it).
+class BMojoConfig(MambaConfig):
+    """Hyper-parameters of a B'MOJO LM: Mamba's fields (inherited from
+    :class:`~ssm_models.mamba.MambaConfig`) plus the attention's. Every field is validated (``ValueError`` naming it).
 
     ``n_head``: attention heads (``d_model % n_head == 0``); ``window``: chunk length ``w`` (>= 1);
     ``n_memory_tokens``: memory tokens (SSM readouts at chunk ends) visible per chunk; ``eidetic_per_chunk``:
@@ -139,26 +133,6 @@ class BMojoConfig:
     ``attn_bias``: biases on the q/k/v/out projections.
     """
 
-    d_model: int
-    n_layer: int
-    vocab_size: int
-    d_state: int = 16
-    expand: int = 2
-    d_conv: int = 4
-    dt_rank: int | str = "auto"
-    conv_bias: bool = True
-    bias: bool = False
-    norm_eps: float = 1e-5
-    pad_vocab_size_multiple: int = 8
-    tie_embeddings: bool = True
-    residual_in_fp32: bool = True
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init: str = "random"
-    dt_scale: float = 1.0
-    dt_init_floor: float = 1e-4
-    initializer_range: float = 0.02
-    rescale_prenorm_residual: bool = True
     n_head: int = 4
     window: int = 64
     n_memory_tokens: int = 4
@@ -173,7 +147,7 @@ class BMojoConfig:
 
     def __post_init__(self) -> None:
         try:
-            self.mamba_config()
+            super().__post_init__()
         except ValueError as error:
             raise ValueError(str(error).replace("MambaConfig:", "BMojoConfig:", 1)) from None
         for name in ("n_head", "window"):
@@ -203,16 +177,12 @@ class BMojoConfig:
 
     def mamba_config(self) -> MambaConfig:
         """The :class:`MambaConfig` of the fading-memory sub-layer (Mamba's fields of this config)."""
-        return MambaConfig(**{name: getattr(self, name) for name in _MAMBA_FIELDS})
+        mamba_fields = {item.name for item in fields(MambaConfig)} - {"architecture"}
+        return MambaConfig(**{name: getattr(self, name) for name in mamba_fields})
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        multiple = self.pad_vocab_size_multiple
-        return (self.vocab_size + multiple - 1) // multiple * multiple
 
     @property
     def selects_eidetic(self) -> bool:
@@ -224,9 +194,6 @@ class BMojoConfig:
         older = max(n_chunks - 2, 0)
         n_eidetic = min(self.eidetic_budget, self.eidetic_per_chunk * older) if self.selects_eidetic else 0
         return min(self.n_memory_tokens, older), n_eidetic
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------ padding and selection
