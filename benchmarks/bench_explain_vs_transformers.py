@@ -12,15 +12,14 @@ the same target at the last position, relevance = sum over the embedding dimensi
 from __future__ import annotations
 
 import argparse
-import logging
 import platform
 
 import torch
 import transformers
+from same_weights import random_hf_and_ours
 from timing import median_seconds
 
 from mamba_lrp import explain
-from ssm_models import from_hf
 
 
 def transformers_gradient_x_input(model: transformers.MambaForCausalLM, ids: torch.Tensor, target: int) -> torch.Tensor:
@@ -38,14 +37,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=3)
     arguments = parser.parse_args()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    hf_config = transformers.MambaConfig(
-        vocab_size=50280, hidden_size=arguments.d_model, num_hidden_layers=arguments.layers, state_size=16
-    )
-    hf = transformers.MambaForCausalLM(hf_config).eval()
-    ours = from_hf(hf)
+    hf, ours = random_hf_and_ours(arguments.d_model, arguments.layers)
     ids = torch.randint(0, 50280, (1, arguments.length))
     with torch.no_grad():
         target = int(ours.head(ours.hidden_states(ids)[:, -1])[0].argmax())

@@ -7,14 +7,13 @@ weights, and the causal-conv backends. CPU; prints a Markdown table of medians a
 from __future__ import annotations
 
 import argparse
-import logging
 import platform
 
 import torch
 import transformers
+from same_weights import random_hf_and_ours
 from timing import median_seconds
 
-from ssm_models import from_hf
 from ssm_models.ops import causal_conv1d
 
 
@@ -25,14 +24,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=5)
     arguments = parser.parse_args()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    hf_config = transformers.MambaConfig(
-        vocab_size=50280, hidden_size=arguments.d_model, num_hidden_layers=arguments.layers, state_size=16
-    )
-    hf = transformers.MambaForCausalLM(hf_config).eval()
-    ours = from_hf(hf)
+    hf, ours = random_hf_and_ours(arguments.d_model, arguments.layers)
     ids = torch.randint(0, 50280, (1, arguments.length))
     with torch.no_grad():
         error = float((ours(ids) - hf(ids).logits).norm() / hf(ids).logits.norm())
