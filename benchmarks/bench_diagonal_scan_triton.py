@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import median_seconds  # noqa: E402
+from timing import device_timer  # noqa: E402
 
 NAMES = ("u", "A", "C", "D", "initial_state")
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
@@ -281,13 +281,7 @@ def main(argv=None) -> int:
         correctness_shapes = [(2, 64, 32, 1000), (1, 16, 7, 300)]
         sweep = SWEEP
 
-    def measure(fn, warmup, repeats):
-        def synchronised():
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        return median_seconds(synchronised, repeats, warmup)
+    measure = device_timer(device)
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter, dry run)"
     print("# Triton diagonal scan benchmark\n")

@@ -10,26 +10,13 @@ Model: d_model 768, 24 layers, vocab 50280, random weights, float32, batch 1, on
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import device_timer
 
 from mamba_lrp import explain
 from ssm_models import MambaConfig, MambaLM
 from ssm_models.ops import selective_scan
-
-
-def timed(function, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up, synchronised."""
-    function()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -41,6 +28,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_explain_gpu.py needs a CUDA device")
     device = torch.device("cuda")
+    measure = device_timer("cuda")
     print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}\n")
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=768, n_layer=arguments.layers, vocab_size=50277)).to(device).eval()
@@ -55,9 +43,10 @@ def main() -> None:
             with torch.no_grad():
                 model.head(model.hidden_states(ids[None])[:, -1])
 
-        forward_seconds = timed(forward, arguments.repeats)
+        forward_seconds = measure(forward, 1, arguments.repeats)
         torch.cuda.reset_peak_memory_stats(device)
-        explain_seconds = timed(lambda ids=ids: explain(model, ids, target=0, recompute_blocks=True), arguments.repeats)
+        explain_seconds = measure(lambda ids=ids: explain(model, ids, target=0, recompute_blocks=True), 1,
+                                  arguments.repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"| {length} | {forward_seconds:.3f} | {explain_seconds:.3f} | {explain_seconds / forward_seconds:.2f} "
               f"| {peak:.2f} |", flush=True)
@@ -70,8 +59,8 @@ def main() -> None:
           f"median of {arguments.repeats}\n")
     print("| backend | seconds | reference / this |")
     print("|---|---|---|")
-    seconds = {backend: timed(lambda b=backend: selective_scan(u, delta, A, B, C, delta_softplus=True, backend=b),
-                              arguments.repeats) for backend in ("reference", "triton")}
+    seconds = {backend: measure(lambda b=backend: selective_scan(u, delta, A, B, C, delta_softplus=True, backend=b),
+                                1, arguments.repeats) for backend in ("reference", "triton")}
     for backend, value in seconds.items():
         print(f"| {backend} | {value:.4f} | {seconds['reference'] / value:.0f}x |")
 

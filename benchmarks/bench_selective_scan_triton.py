@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import device_timer  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
@@ -89,30 +89,6 @@ def make_inputs(torch, batch, dim, length, n_state, groups, dtype, device, *, th
     ]
     low = {0, 1, 3, 4, 6}  # in the input dtype; the rest stay float32
     return [t.to(device=device, dtype=dtype if i in low else torch.float32) for i, t in enumerate(tensors)]
-
-
-def timer(torch, device):
-    """Return ``measure(fn, warmup, repeats) -> median seconds``."""
-
-    def measure(fn, warmup, repeats):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return measure
 
 
 def copy_bandwidth(torch, device, measure, nbytes, repeats):
@@ -395,7 +371,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter, dry run)"
     print("# Triton selective scan benchmark\n")
     print(f"device: {name}; torch {torch.__version__}; triton {triton.__version__}\n")
-    measure = timer(torch, device)
+    measure = device_timer(device)
     ok = True
     if not args.skip_correctness:
         ok = run_correctness(torch, selective_scan, device, correctness_shapes, args.dry_run)
