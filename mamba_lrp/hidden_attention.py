@@ -119,6 +119,7 @@ __all__ = [
     "MixingAttention",
     "ScanInputs",
     "SelectiveSSMAttention",
+    "SoftmaxAttention",
     "attention_left_product",
     "attention_rollout",
     "capture_mixing_layers",
@@ -242,9 +243,9 @@ class H3SSMAttention:
 
 
 @dataclass
-class DenseAttention:
-    """Full causal softmax attention (module docstring, 3.): ``probabilities`` (B, L, L), the head mean
-    of the layer's attention probabilities (row = query)."""
+class SoftmaxAttention:
+    """What the two softmax-attention kinds share: ``probabilities`` (B, L, ...) of the queries in
+    the layer's compute dtype, from which shape (B, L), dtype and device are read."""
 
     probabilities: torch.Tensor
 
@@ -259,6 +260,12 @@ class DenseAttention:
     @property
     def device(self) -> torch.device:
         return self.probabilities.device
+
+
+@dataclass
+class DenseAttention(SoftmaxAttention):
+    """Full causal softmax attention (module docstring, 3.): ``probabilities`` (B, L, L), the head mean
+    of the layer's attention probabilities (row = query)."""
 
     def left_product(self, weights: torch.Tensor) -> torch.Tensor:
         return torch.bmm(weights[:, None, :], self.probabilities)[:, 0]
@@ -268,25 +275,12 @@ class DenseAttention:
 
 
 @dataclass
-class KeyedAttention:
+class KeyedAttention(SoftmaxAttention):
     """Softmax attention over a few key slots per query (module docstring, 3.; B'MOJO's chunked
     attention): ``probabilities`` (B, L, n_keys) the head-mean probability of query ``t`` on slot ``k``,
     at position ``key_positions[b, t, k]`` (B, L, n_keys) long, -1 (and probability 0) for no key."""
 
-    probabilities: torch.Tensor
     key_positions: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.probabilities.shape[0], self.probabilities.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.probabilities.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.probabilities.device
 
     def _valid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index (B, L n_keys), valid (B, L, n_keys))``: slot positions with -1 sent to 0, and which exist."""
