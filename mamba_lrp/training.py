@@ -4,7 +4,7 @@ It lives in ``mamba_lrp`` (not ``ssm_models``) because it depends on the tasks, 
 part of what users touch (ARCHITECTURE.md: ``ssm_models`` knows nothing above it).
 
 * **Model**: anything with ``forward(input_ids, attention_mask=...) -> logits (B, L, V)``;
-  :func:`build_model` makes a fresh one for a task (``arch`` from the :data:`ARCHITECTURES` registry).
+  :func:`build_model` makes a fresh one for a task (``arch`` from the architecture registry of ``ssm_models.loading``).
 * **Objective** ``"last"`` (default): cross-entropy of the logits at the last position (over the
   whole vocabulary) against the label token: the LM is a classifier by its next-token prediction.
   ``"next_token"``: the label is appended and every real next token is predicted (padding
@@ -42,14 +42,6 @@ from mamba_lrp.progress import progress_bar
 from mamba_lrp.tasks import Example, Task, collate
 
 OBJECTIVES = ("last", "next_token")
-#: The architectures :func:`build_model` (and ``mamba-lrp train --arch``) can build: name ->
-#: (config class, model class) exported by ``ssm_models``. A name is offered only when
-#: ``ssm_models`` has both classes (:func:`architecture_names`); adding an architecture is one line.
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "mamba": ("MambaConfig", "MambaLM"),
-    "h3": ("H3Config", "H3LM"),
-    "bmojo": ("BMojoConfig", "BMojoLM"),
-}
 #: Model size of :func:`build_model` unless given (every architecture's config has these fields).
 DEFAULT_MODEL_SIZE = {"d_model": 64, "n_layer": 2}
 
@@ -103,11 +95,11 @@ class TrainingResult:
 
 
 def architecture_names() -> list[str]:
-    """The names of :data:`ARCHITECTURES` whose classes ``ssm_models`` has, in registry order."""
-    import ssm_models
+    """The architectures :func:`build_model` (and ``mamba-lrp train --arch``) can build: those
+    registered in ``ssm_models`` (:func:`ssm_models.loading.architecture_names`), ``mamba`` first."""
+    from ssm_models.loading import architecture_names as registered
 
-    return [name for name, classes in ARCHITECTURES.items()
-            if all(hasattr(ssm_models, class_name) for class_name in classes)]
+    return registered()
 
 
 def build_model(task: Task, arch: str = "mamba", seed: int = 0, **config: Any) -> nn.Module:
@@ -117,19 +109,16 @@ def build_model(task: Task, arch: str = "mamba", seed: int = 0, **config: Any) -
     (e.g. :class:`ssm_models.MambaConfig`); ``d_model`` and ``n_layer`` default to
     :data:`DEFAULT_MODEL_SIZE`, ``vocab_size`` is the task's. A bad field is a ``ValueError``.
     """
-    known = architecture_names()
-    if arch not in known:
-        raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(known)}")
-    import ssm_models
+    from ssm_models.loading import get_architecture
 
-    config_name, model_name = ARCHITECTURES[arch]
+    architecture = get_architecture(arch)
     settings = {**DEFAULT_MODEL_SIZE, **config, "vocab_size": task.vocab_size}
     try:
-        model_config = getattr(ssm_models, config_name)(**settings)
+        model_config = architecture.config_from_dict(settings)
     except TypeError as error:
-        raise ValueError(f"{config_name}: bad settings {sorted(settings)} ({error})") from None
+        raise ValueError(f"{arch} config: bad settings {sorted(settings)} ({error})") from None
     torch.manual_seed(seed)
-    return getattr(ssm_models, model_name)(model_config)
+    return architecture.build(model_config)
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

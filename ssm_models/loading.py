@@ -298,7 +298,15 @@ def register_architecture(architecture: Architecture) -> None:
 
 
 def architecture_names() -> list[str]:
-    return ["mamba", *sorted(_ARCHITECTURES)]
+    """Every registered architecture, ``mamba`` first."""
+    return ["mamba", *sorted(name for name in _ARCHITECTURES if name != "mamba")]
+
+
+def get_architecture(name: str) -> Architecture:
+    """The registered :class:`Architecture` ``name`` (``ValueError`` listing the known ones)."""
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(architecture_names())}")
+    return _ARCHITECTURES[name]
 
 
 def _load_registered(directory: Path, raw: dict[str, Any], architecture: Architecture) -> SequenceLM:
@@ -452,3 +460,8 @@ def from_hf(hf_model: torch.nn.Module, share_weights: bool = True) -> MambaLM:
         model = MambaLM(our_config)
     load_state_dict_into(model, state, source=type(hf_model).__name__, assign=True)
     return model.to(device=hf_model.lm_head.weight.device, dtype=dtype)
+
+
+#: Mamba is read and written in its public namings above; the entry serves building by name
+#: (``get_architecture("mamba").build(...)``), as for every other architecture.
+register_architecture(Architecture(name="mamba", config_from_dict=lambda raw: MambaConfig(**raw), build=MambaLM))
